@@ -1,0 +1,58 @@
+"""Load our patched libllama into llama-cpp-python and bind our C API.
+
+llama-cpp-python 0.3.36 is installed without its own native build; its ctypes
+loader reads LLAMA_CPP_LIB_PATH for the folder holding libllama. We point it
+at the libraries built with this package, before llama_cpp is imported, and
+check that what got loaded exports our symbols.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+import triattention_gguf
+
+LIB_ENV = "TRIATTENTION_LIB_PATH"
+_LIB_NAME = "libllama.so"
+
+
+def lib_dir() -> Path:
+    """The folder with our libllama: $TRIATTENTION_LIB_PATH, else lib/ inside the package."""
+    override = os.environ.get(LIB_ENV)
+    if override:
+        return Path(override)
+    # An editable install spreads the package over the source tree and the build output.
+    for base in triattention_gguf.__path__:
+        candidate = Path(base) / "lib"
+        if (candidate / _LIB_NAME).exists():
+            return candidate
+    raise ImportError(
+        "triattention_gguf's native libraries were not found in "
+        f"{[str(Path(b) / 'lib') for b in triattention_gguf.__path__]}; "
+        "build them with `make setup` (or `pip install .`), or set "
+        f"{LIB_ENV} to the folder holding {_LIB_NAME}")
+
+
+def _load_llama_cpp():
+    if "llama_cpp" not in sys.modules:
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(lib_dir())
+    import llama_cpp.llama_cpp as bindings
+
+    if not hasattr(bindings._lib, "triattention_api_version"):
+        raise ImportError(
+            f"llama_cpp loaded a libllama without TriAttention ({bindings._base_path}); "
+            "import triattention_gguf before llama_cpp, or unset LLAMA_CPP_LIB_PATH")
+    return bindings
+
+
+llama_cpp_bindings = _load_llama_cpp()
+lib: ctypes.CDLL = llama_cpp_bindings._lib
+
+lib.triattention_api_version.argtypes = []
+lib.triattention_api_version.restype = ctypes.c_int32
+
+
+def api_version() -> int:
+    return lib.triattention_api_version()
