@@ -47,8 +47,9 @@ def download_sdist(dest_dir: Path) -> Path:
     dest_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
            "-d", str(dest_dir), f"llama-cpp-python=={PINS['version']}"]
-    print("fetch:", " ".join(cmd), flush=True)
-    if subprocess.run(cmd).returncode != 0 or not path.exists():
+    # stdout is reserved for --print-sdist's answer.
+    print("fetch:", " ".join(cmd), file=sys.stderr, flush=True)
+    if subprocess.run(cmd, stdout=sys.stderr).returncode != 0 or not path.exists():
         raise FetchError(f"pip could not download llama-cpp-python=={PINS['version']} "
                          "(is the package registry reachable?)")
     return path
