@@ -14,6 +14,48 @@ extern "C" {
 
 LLAMA_API int32_t triattention_api_version(void);
 
+//
+// Model facts the Python side cannot get from llama.h
+//
+
+LLAMA_API int32_t triattention_model_head_dim(const struct llama_model * model);  // per attention head (keys)
+LLAMA_API int32_t triattention_model_n_rot(const struct llama_model * model);     // rotated dims of a head
+
+// Angular frequency (radians per position) of every rotary pair of layer il, as the
+// context's RoPE applies it (freq_base, freq_scale, YaRN mixing, rope_freqs factors).
+// Writes head_dim/2 floats; pairs beyond n_rot/2 are not rotated and get 0.
+// Returns 0, or -1 when il is out of range or the model has no RoPE.
+LLAMA_API int32_t triattention_rope_omega(const struct llama_context * ctx, int32_t il, float * omega);
+
+//
+// Calibration: pre-RoPE query statistics, accumulated from the graph during llama_decode
+//
+
+struct triattention_calib;
+
+// keep_last: also keep the last ubatch's pre- and post-RoPE queries of every layer (for tests).
+LLAMA_API struct triattention_calib * triattention_calib_init(const struct llama_model * model, bool keep_last);
+LLAMA_API void triattention_calib_free(struct triattention_calib * calib);
+
+// Set these as cb_eval / cb_eval_user_data in llama_context_params.
+LLAMA_API ggml_backend_sched_eval_callback triattention_calib_callback(void);
+
+// Tokens accumulated so far (counted on layer 0); 0 before the first decode.
+LLAMA_API int64_t triattention_calib_n_tokens(const struct triattention_calib * calib);
+
+// First error seen by the callback (empty when none): the graph did not look as expected.
+LLAMA_API const char * triattention_calib_error(const struct triattention_calib * calib);
+
+// Per (layer, query head, pair), laid out [layer][head][pair], n_layer*n_head*head_dim/2 each:
+// the complex mean of the pre-RoPE query and the mean of its magnitude.
+LLAMA_API void triattention_calib_get(const struct triattention_calib * calib,
+                                      float * q_mean_real, float * q_mean_imag, float * q_abs_mean);
+
+// With keep_last: copy layer il's last captured queries, [token][head][head_dim] floats,
+// into out (capacity n_max floats). Returns the number of tokens, or -1.
+LLAMA_API int32_t triattention_calib_last(const struct triattention_calib * calib, int32_t il,
+                                          bool post_rope, float * out, int64_t n_max);
+
 #ifdef __cplusplus
 }
 #endif

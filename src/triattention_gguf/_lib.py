@@ -50,8 +50,26 @@ def _load_llama_cpp():
 llama_cpp_bindings = _load_llama_cpp()
 lib: ctypes.CDLL = llama_cpp_bindings._lib
 
-lib.triattention_api_version.argtypes = []
-lib.triattention_api_version.restype = ctypes.c_int32
+
+def _bind(name: str, restype, *argtypes) -> None:
+    fn = getattr(lib, name)
+    fn.restype = restype
+    fn.argtypes = list(argtypes)
+
+
+_f32p = ctypes.POINTER(ctypes.c_float)
+_vp = ctypes.c_void_p
+_bind("triattention_api_version", ctypes.c_int32)
+_bind("triattention_model_head_dim", ctypes.c_int32, _vp)
+_bind("triattention_model_n_rot", ctypes.c_int32, _vp)
+_bind("triattention_rope_omega", ctypes.c_int32, _vp, ctypes.c_int32, _f32p)
+_bind("triattention_calib_init", _vp, _vp, ctypes.c_bool)
+_bind("triattention_calib_free", None, _vp)
+_bind("triattention_calib_callback", _vp)
+_bind("triattention_calib_n_tokens", ctypes.c_int64, _vp)
+_bind("triattention_calib_error", ctypes.c_char_p, _vp)
+_bind("triattention_calib_get", None, _vp, _f32p, _f32p, _f32p)
+_bind("triattention_calib_last", ctypes.c_int32, _vp, ctypes.c_int32, ctypes.c_bool, _f32p, ctypes.c_int64)
 
 
 def api_version() -> int:

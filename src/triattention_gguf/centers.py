@@ -1,0 +1,218 @@
+"""Query centres in GGUF metadata: the schema, reading, validation and safe rewriting.
+
+Centres are typed key/value metadata under `triattention.` (never tensors), so the
+file still loads in any llama.cpp. Rewriting a model file goes through a temporary
+file beside the target that is verified (tensor data byte-identical, metadata
+reads back) before it is renamed over the target: an interrupted or failed run
+leaves the original untouched.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from triattention_gguf.modelinfo import ModelFacts, ModelFileError, open_gguf
+
+PREFIX = "triattention."
+SCHEMA_VERSION = 1
+_T = gguf.GGUFValueType
+
+
+class CentersError(ValueError):
+    """Centres are missing, malformed or belong to another model; the message says what to do."""
+
+
+@dataclass
+class Centers:
+    """Calibrated pre-RoPE query statistics of one model, [layer][query head][rotary pair]."""
+
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_rot: int
+    rope_type: str
+    q_mean: np.ndarray      # complex64 [n_layer, n_head, head_dim/2]: E[q_f]
+    q_abs_mean: np.ndarray  # float32   [n_layer, n_head, head_dim/2]: E[|q_f|]
+    calibration_tokens: int
+    text_sha256: str
+    model_fingerprint: str
+
+    @property
+    def resultant_length(self) -> np.ndarray:
+        """R_f = |E[q_f]| / E[|q_f|] in [0, 1]: how concentrated each band is."""
+        return np.abs(self.q_mean) / np.maximum(self.q_abs_mean, np.finfo(np.float32).tiny)
+
+    def head_concentration(self) -> np.ndarray:
+        """[n_layer, n_head] R of a whole head: its bands weighted by their mean magnitude."""
+        return np.abs(self.q_mean).sum(-1) / np.maximum(self.q_abs_mean.sum(-1), np.finfo(np.float32).tiny)
+
+
+# key (after PREFIX) -> (GGUF value type, array item type)
+_SCHEMA = {
+    "version": (_T.UINT32, None),
+    "n_layer": (_T.UINT32, None),
+    "n_head": (_T.UINT32, None),
+    "n_head_kv": (_T.UINT32, None),
+    "head_dim": (_T.UINT32, None),
+    "n_rot": (_T.UINT32, None),
+    "rope_type": (_T.STRING, None),
+    "q_mean_real": (_T.ARRAY, _T.FLOAT32),
+    "q_mean_imag": (_T.ARRAY, _T.FLOAT32),
+    "q_abs_mean": (_T.ARRAY, _T.FLOAT32),
+    "calibration.tokens": (_T.UINT64, None),
+    "calibration.text_sha256": (_T.STRING, None),
+    "model_fingerprint": (_T.STRING, None),
+}
+
+
+def _values(c: Centers) -> dict[str, object]:
+    flat = lambda a: np.asarray(a, dtype=np.float32).reshape(-1).tolist()  # noqa: E731
+    return {
+        "version": SCHEMA_VERSION, "n_layer": c.n_layer, "n_head": c.n_head, "n_head_kv": c.n_head_kv,
+        "head_dim": c.head_dim, "n_rot": c.n_rot, "rope_type": c.rope_type,
+        "q_mean_real": flat(c.q_mean.real), "q_mean_imag": flat(c.q_mean.imag), "q_abs_mean": flat(c.q_abs_mean),
+        "calibration.tokens": c.calibration_tokens, "calibration.text_sha256": c.text_sha256,
+        "model_fingerprint": c.model_fingerprint,
+    }
+
+
+def _read_fields(reader: gguf.GGUFReader) -> dict[str, object]:
+    out = {}
+    for name, field in reader.fields.items():
+        if name.startswith(PREFIX):
+            value = field.contents()
+            out[name[len(PREFIX):]] = np.asarray(value, dtype=np.float32) if isinstance(value, list) else value
+    return out
+
+
+def centers_from_reader(reader: gguf.GGUFReader) -> Centers | None:
+    """The centres stored in an open file, or None when it has none."""
+    f = _read_fields(reader)
+    if not f:
+        return None
+    where = reader.data.filename
+    missing = [k for k in _SCHEMA if k not in f]
+    if missing:
+        raise CentersError(f"{where}: incomplete TriAttention metadata (missing {', '.join(PREFIX + k for k in missing)}); "
+                           f"re-embed with `triattention-gguf embed-centers --force {where}`")
+    if f["version"] != SCHEMA_VERSION:
+        raise CentersError(f"{where}: TriAttention metadata version {f['version']} is not supported "
+                           f"(this release reads version {SCHEMA_VERSION}); re-embed with --force")
+    shape = (int(f["n_layer"]), int(f["n_head"]), int(f["head_dim"]) // 2)
+    arrays = [f[k] for k in ("q_mean_real", "q_mean_imag", "q_abs_mean")]
+    if any(a.size != np.prod(shape) for a in arrays):
+        raise CentersError(f"{where}: TriAttention arrays do not have n_layer*n_head*head_dim/2 = {np.prod(shape)} "
+                           "entries; re-embed with --force")
+    re, im, absm = (a.reshape(shape) for a in arrays)
+    return Centers(
+        n_layer=shape[0], n_head=shape[1], n_head_kv=int(f["n_head_kv"]), head_dim=int(f["head_dim"]),
+        n_rot=int(f["n_rot"]), rope_type=str(f["rope_type"]), q_mean=(re + 1j * im).astype(np.complex64),
+        q_abs_mean=absm.astype(np.float32), calibration_tokens=int(f["calibration.tokens"]),
+        text_sha256=str(f["calibration.text_sha256"]), model_fingerprint=str(f["model_fingerprint"]))
+
+
+def read_centers(path: str | os.PathLike) -> Centers | None:
+    return centers_from_reader(open_gguf(path))
+
+
+def validate(centers: Centers, facts: ModelFacts) -> None:
+    """Refuse centres that do not belong to this model file."""
+    expected = {"n_layer": facts.n_layer, "n_head": facts.n_head, "n_head_kv": facts.n_head_kv,
+                "head_dim": facts.head_dim, "n_rot": facts.n_rot, "rope_type": facts.rope_type}
+    wrong = [f"{k} {getattr(centers, k)} != {v}" for k, v in expected.items() if getattr(centers, k) != v]
+    if not wrong and centers.model_fingerprint != facts.fingerprint:
+        wrong.append(f"model fingerprint {centers.model_fingerprint} != {facts.fingerprint}")
+    if wrong:
+        raise CentersError(f"{facts.path}: the TriAttention centres in this file were computed for another model "
+                           f"({'; '.join(wrong)}); re-embed them with "
+                           f"`triattention-gguf embed-centers --force {facts.path}`")
+    if not (np.all(np.isfinite(centers.q_mean)) and np.all(np.isfinite(centers.q_abs_mean))):
+        raise CentersError(f"{facts.path}: the TriAttention centres contain NaN or infinity; re-embed with --force")
+
+
+def load_centers(facts: ModelFacts) -> Centers:
+    """The validated centres of a model file; a clear error when there are none."""
+    centers = read_centers(facts.path)
+    if centers is None:
+        raise CentersError(f"{facts.path} has no TriAttention centres; compute them once with "
+                           f"`triattention-gguf embed-centers {facts.path}`")
+    validate(centers, facts)
+    return centers
+
+
+def _copy_with_metadata(reader: gguf.GGUFReader, dest: Path, centers: Centers | None) -> None:
+    """Write reader's model to dest with our keys replaced by centers (or removed)."""
+    writer = gguf.GGUFWriter(dest, arch=str(reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()),
+                             endianess=reader.endianess)
+    writer.data_alignment = reader.alignment
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith(("GGUF.", PREFIX)):
+            continue
+        sub_type = field.types[-1] if field.types[0] == _T.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    if centers is not None:
+        values = _values(centers)
+        for key, (vtype, sub_type) in _SCHEMA.items():
+            writer.add_key_value(PREFIX + key, values[key], vtype, sub_type=sub_type)
+    for tensor in reader.tensors:
+        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
+                               tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in reader.tensors:
+        writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+    writer.close()
+
+
+def _verify_copy(original: gguf.GGUFReader, path: Path, centers: Centers | None) -> None:
+    copy = gguf.GGUFReader(path, "r")
+    if [t.name for t in copy.tensors] != [t.name for t in original.tensors]:
+        raise OSError(f"verification of {path} failed: tensor list differs")
+    for a, b in zip(original.tensors, copy.tensors):
+        if a.tensor_type != b.tensor_type or not np.array_equal(np.asarray(a.data).view(np.uint8),
+                                                                 np.asarray(b.data).view(np.uint8)):
+            raise OSError(f"verification of {path} failed: tensor {a.name} differs")
+    kept = {k for k in original.fields if not k.startswith(PREFIX)}
+    if not kept <= set(copy.fields):
+        raise OSError(f"verification of {path} failed: metadata {sorted(kept - set(copy.fields))} lost")
+    stored = centers_from_reader(copy)
+    if centers is None and stored is not None:
+        raise OSError(f"verification of {path} failed: centres still present")
+    if centers is not None and (stored is None or not np.array_equal(stored.q_mean, centers.q_mean.astype(np.complex64))):
+        raise OSError(f"verification of {path} failed: centres do not read back")
+
+
+def rewrite_model(src: str | os.PathLike, centers: Centers | None, dest: str | os.PathLike | None = None) -> Path:
+    """Write src with new centres (or none) to dest (default: src, in place), atomically."""
+    src = Path(src)
+    dest = Path(dest) if dest is not None else src
+    reader = open_gguf(src)
+    folder = dest.resolve().parent
+    if not folder.is_dir():
+        raise ModelFileError(f"{dest}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (dest.exists() and not os.access(dest, os.W_OK)):
+        raise ModelFileError(f"{dest}: not writable (check permissions, or write a copy elsewhere with -o)")
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{dest.name}.", suffix=".triattention-tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _copy_with_metadata(reader, tmp, centers)
+        _verify_copy(reader, tmp, centers)
+        os.chmod(tmp, (src.stat().st_mode & 0o777))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ModelFileError(f"could not write {dest}: {err}; the original file is unchanged") from err
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest

@@ -1,0 +1,153 @@
+"""What TriAttention needs to know about a GGUF model, read the way llama.cpp reads it.
+
+The file is checked with gguf-py first (for clear errors on bad files), then
+loaded by our libllama (vocab only, no weights) so that rope type, head sizes
+and layer counts come from llama.cpp's own code path, not from a table here.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from triattention_gguf._lib import lib, llama_cpp_bindings as ll
+
+ROPE_TYPES = {ll.LLAMA_ROPE_TYPE_NORM: "norm", ll.LLAMA_ROPE_TYPE_NEOX: "neox"}
+_FINGERPRINT_SAMPLE = 1 << 16
+
+
+class ModelFileError(ValueError):
+    """The model file cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    path: str
+    arch: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_rot: int
+    rope_type: str
+    n_ctx_train: int
+    fingerprint: str
+
+    @property
+    def n_pairs(self) -> int:
+        return self.head_dim // 2
+
+
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+    """Parse a GGUF file, turning every way it can be unusable into a ModelFileError."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"{path}: no such file")
+    if not path.is_file():
+        raise ModelFileError(f"{path}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise ModelFileError(f"{path}: not readable (check its permissions)")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelFileError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        return gguf.GGUFReader(path, "r")
+    except (ValueError, IndexError, OSError) as err:
+        raise ModelFileError(f"{path}: the GGUF file is truncated or corrupt ({err}); "
+                             "download or convert it again") from err
+
+
+def fingerprint(reader: gguf.GGUFReader) -> str:
+    """Identify the weights, not the metadata: every tensor's name, shape and type, plus
+    the first bytes of the first attention projection (differs across finetunes and quants)."""
+    digest = hashlib.sha256()
+    sample = None
+    for tensor in reader.tensors:
+        digest.update(f"{tensor.name}:{list(tensor.shape)}:{tensor.tensor_type.name};".encode())
+        if sample is None and tensor.name.endswith("attn_q.weight"):
+            sample = tensor
+    sample = sample or reader.tensors[0]
+    digest.update(np.asarray(sample.data).reshape(-1).view(np.uint8)[:_FINGERPRINT_SAMPLE].tobytes())
+    return digest.hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def loaded_model(path: str | os.PathLike, n_gpu_layers: int = 0):
+    """A llama_model* loaded by our libllama, freed on exit."""
+    params = ll.llama_model_default_params()
+    params.n_gpu_layers = n_gpu_layers
+    model = ll.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise ModelFileError(f"{path}: llama.cpp could not load this model "
+                             "(unsupported architecture or damaged file; run with verbose output for details)")
+    try:
+        yield model
+    finally:
+        ll.llama_model_free(model)
+
+
+@contextlib.contextmanager
+def model_context(model, n_ctx: int, n_threads: int | None = None, n_ubatch: int = 512, **overrides):
+    """A llama_context* on a loaded model; overrides set llama_context_params fields."""
+    cparams = ll.llama_context_default_params()
+    cparams.n_ctx = cparams.n_batch = n_ctx
+    cparams.n_ubatch = min(n_ubatch, n_ctx)
+    cparams.n_threads = cparams.n_threads_batch = n_threads or max(1, os.cpu_count() or 1)
+    cparams.no_perf = True
+    for key, value in overrides.items():
+        setattr(cparams, key, value)
+    ctx = ll.llama_init_from_model(model, cparams)
+    if not ctx:
+        raise ModelFileError(f"llama.cpp could not create a context of {n_ctx} tokens")
+    try:
+        yield ctx
+    finally:
+        ll.llama_free(ctx)
+
+
+def _arch(reader: gguf.GGUFReader) -> str:
+    field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
+    if field is None:
+        raise ModelFileError(f"{reader.data.filename}: no general.architecture in the metadata")
+    return str(field.contents())
+
+
+def facts_of(path: str | os.PathLike, reader: gguf.GGUFReader, model) -> ModelFacts:
+    """Facts of an open file and its loaded llama_model*."""
+    arch = _arch(reader)
+    rope = ll.llama_model_rope_type(model)
+    n_head = ll.llama_model_n_head(model)
+    if n_head <= 0 or rope not in ROPE_TYPES:
+        why = "no attention heads" if n_head <= 0 else f"rope type {rope} (TriAttention needs NORM or NEOX RoPE)"
+        raise ModelFileError(f"{path}: architecture '{arch}' has {why}; "
+                             "TriAttention cannot compress its KV cache")
+    return ModelFacts(
+        path=str(path), arch=arch,
+        n_layer=ll.llama_model_n_layer(model), n_head=n_head, n_head_kv=ll.llama_model_n_head_kv(model),
+        head_dim=lib.triattention_model_head_dim(model), n_rot=lib.triattention_model_n_rot(model),
+        rope_type=ROPE_TYPES[rope], n_ctx_train=ll.llama_model_n_ctx_train(model),
+        fingerprint=fingerprint(reader))
+
+
+def read_facts(path: str | os.PathLike) -> ModelFacts:
+    reader = open_gguf(path)
+    # Weights are memory-mapped, not read: loading costs little, and llama.cpp
+    # fills the hyperparameters only on a full load.
+    with loaded_model(path) as model:
+        return facts_of(path, reader, model)
+
+
+def rope_omega(ctx, n_layer: int, head_dim: int) -> np.ndarray:
+    """[n_layer, head_dim/2] angular frequencies that the context's RoPE applies."""
+    out = np.zeros((n_layer, head_dim // 2), dtype=np.float32)
+    for il in range(n_layer):
+        if lib.triattention_rope_omega(ctx, il, out[il].ctypes.data_as(ctypes.POINTER(ctypes.c_float))) != 0:
+            raise ModelFileError(f"no RoPE frequencies for layer {il}")
+    return out
