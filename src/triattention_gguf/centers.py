@@ -96,7 +96,7 @@ def centers_from_reader(reader: gguf.GGUFReader) -> Centers | None:
     f = _read_fields(reader)
     if not f:
         return None
-    where = reader.data.filename
+    where = reader.path
     missing = [k for k in _SCHEMA if k not in f]
     if missing:
         raise CentersError(f"{where}: incomplete TriAttention metadata (missing {', '.join(PREFIX + k for k in missing)}); "
@@ -172,7 +172,7 @@ def _copy_with_metadata(reader: gguf.GGUFReader, dest: Path, centers: Centers | 
 
 
 def _verify_copy(original: gguf.GGUFReader, path: Path, centers: Centers | None) -> None:
-    copy = gguf.GGUFReader(path, "r")
+    copy = open_gguf(path)
     if [t.name for t in copy.tensors] != [t.name for t in original.tensors]:
         raise OSError(f"verification of {path} failed: tensor list differs")
     for a, b in zip(original.tensors, copy.tensors):

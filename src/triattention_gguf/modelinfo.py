@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -44,10 +45,34 @@ class ModelFacts:
         return self.head_dim // 2
 
 
+class _Reader(gguf.GGUFReader):
+    """GGUFReader over a plain ndarray view of its memory map: parsing a large tokenizer
+    is 3x faster without numpy.memmap's per-slice overhead, and tensors stay mapped."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, value: np.memmap) -> None:
+        self._data = value.view(np.ndarray)
+        self.path = value.filename
+
+
+@functools.lru_cache(maxsize=4)
+def _parse(path: str, identity: tuple[int, int, int, int]) -> _Reader:
+    return _Reader(path, "r")
+
+
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
-    """Parse a GGUF file, turning every way it can be unusable into a ModelFileError."""
+    """Parse a GGUF file, turning every way it can be unusable into a ModelFileError.
+    Parses are cached while the file (device, inode, size, mtime) stays the same."""
     path = Path(path)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as err:
+        raise ModelFileError(f"{path}: cannot access it ({err.strerror})") from err
+    if not exists:
         raise ModelFileError(f"{path}: no such file")
     if not path.is_file():
         raise ModelFileError(f"{path}: not a regular file")
@@ -57,8 +82,9 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ModelFileError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    st = path.stat()
     try:
-        return gguf.GGUFReader(path, "r")
+        return _parse(str(path.resolve()), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
     except (ValueError, IndexError, OSError) as err:
         raise ModelFileError(f"{path}: the GGUF file is truncated or corrupt ({err}); "
                              "download or convert it again") from err
@@ -115,7 +141,7 @@ def model_context(model, n_ctx: int, n_threads: int | None = None, n_ubatch: int
 def _arch(reader: gguf.GGUFReader) -> str:
     field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
     if field is None:
-        raise ModelFileError(f"{reader.data.filename}: no general.architecture in the metadata")
+        raise ModelFileError(f"{reader.path}: no general.architecture in the metadata")
     return str(field.contents())
 
 

@@ -1,0 +1,87 @@
+"""Calibration through the real graph: centres and RoPE frequencies checked against numpy."""
+import numpy as np
+import pytest
+
+from triattention_gguf._lib import llama_cpp_bindings as ll
+from triattention_gguf.calibrate import calibration_run, default_text
+from triattention_gguf.modelinfo import rope_omega
+
+N_TOKENS = 192
+
+
+def _as_pairs(x: np.ndarray, rope_type: str) -> np.ndarray:
+    """[..., head_dim] real -> [..., head_dim/2] complex, the model's rotary pairing."""
+    half = x.shape[-1] // 2
+    if rope_type == "neox":
+        return x[..., :half] + 1j * x[..., half:]
+    return x[..., 0::2] + 1j * x[..., 1::2]
+
+
+def _run_one_chunk(path, **overrides):
+    run_cm = calibration_run(path, n_ctx=N_TOKENS, keep_last=True, n_threads=2, **overrides)
+    run = run_cm.__enter__()
+    tokens = run.tokenize(default_text()[20000:40000])[:N_TOKENS]
+    run.decode(tokens)
+    return run_cm, run
+
+
+@pytest.mark.parametrize("model", ["smollm2_path", "qwen_path"])
+def test_centres_match_numpy_recomputation(model, request):
+    run_cm, run = _run_one_chunk(request.getfixturevalue(model))
+    try:
+        facts = run.facts
+        q_mean, q_abs_mean = run.statistics()
+        assert run.n_tokens() == N_TOKENS
+        for il in range(facts.n_layer):
+            q = run.last_queries(il, post_rope=False).astype(np.float64)
+            assert q.shape == (N_TOKENS, facts.n_head, facts.head_dim)
+            z = _as_pairs(q, facts.rope_type)
+            # float64 accumulation on both sides; stored as float32
+            np.testing.assert_allclose(q_mean[il], z.mean(axis=0), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(q_abs_mean[il], np.abs(z).mean(axis=0), rtol=1e-5, atol=1e-5)
+    finally:
+        run_cm.__exit__(None, None, None)
+
+
+ROPE_CASES = {
+    "smollm2-norm": ("smollm2_path", {}),
+    "qwen-neox": ("qwen_path", {}),
+    "smollm2-linear-scale": ("smollm2_path", {"rope_freq_scale": 0.5}),
+    "smollm2-yarn": ("smollm2_path", {"rope_scaling_type": ll.LLAMA_ROPE_SCALING_TYPE_YARN, "rope_freq_scale": 0.25,
+                                      "yarn_ext_factor": 1.0, "yarn_orig_ctx": 2048}),
+}
+
+
+@pytest.mark.parametrize("case", ROPE_CASES)
+def test_omega_reproduces_llama_rope(case, request):
+    fixture, overrides = ROPE_CASES[case]
+    run_cm, run = _run_one_chunk(request.getfixturevalue(fixture), **overrides)
+    try:
+        facts = run.facts
+        omega = rope_omega(run.ctx, facts.n_layer, facts.head_dim).astype(np.float64)
+        positions = np.arange(N_TOKENS, dtype=np.float64)[:, None, None]
+        for il in (0, facts.n_layer // 2, facts.n_layer - 1):
+            pre = _as_pairs(run.last_queries(il, post_rope=False).astype(np.float64), facts.rope_type)
+            post = _as_pairs(run.last_queries(il, post_rope=True).astype(np.float64), facts.rope_type)
+            rotated = pre * np.exp(1j * omega[il][None, None, :] * positions)
+            # YaRN also scales magnitudes (mscale); the angle is what omega must get right.
+            scale = np.abs(post).sum() / np.abs(rotated).sum()
+            big = np.abs(pre) > 1e-2 * np.abs(pre).max()
+            phase_error = np.abs(np.angle(post[big] * np.conj(rotated[big])))
+            assert phase_error.max() < 2e-3, f"layer {il}: max phase error {phase_error.max():.2e} rad"
+            np.testing.assert_allclose(np.abs(post), scale * np.abs(rotated), rtol=1e-3, atol=1e-3 * np.abs(pre).max())
+            if "yarn" not in case and "scale" not in case:
+                assert scale == pytest.approx(1.0, abs=1e-4)
+    finally:
+        run_cm.__exit__(None, None, None)
+
+
+def test_scaled_rope_changes_omega(smollm2_path):
+    """The scaling cases above are not vacuous: the context's scaling shows in omega."""
+    runs = {}
+    for name in ("smollm2-norm", "smollm2-linear-scale", "smollm2-yarn"):
+        with calibration_run(smollm2_path, n_ctx=64, n_threads=1, **ROPE_CASES[name][1]) as run:
+            runs[name] = rope_omega(run.ctx, run.facts.n_layer, run.facts.head_dim)[0]
+    np.testing.assert_allclose(runs["smollm2-linear-scale"], 0.5 * runs["smollm2-norm"], rtol=1e-6)
+    yarn = runs["smollm2-yarn"] / runs["smollm2-norm"]
+    assert yarn[0] == pytest.approx(1.0) and yarn[-1] == pytest.approx(0.25)  # extrapolated .. interpolated
