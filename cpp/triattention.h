@@ -56,6 +56,26 @@ LLAMA_API void triattention_calib_get(const struct triattention_calib * calib,
 LLAMA_API int32_t triattention_calib_last(const struct triattention_calib * calib, int32_t il,
                                           bool post_rope, float * out, int64_t n_max);
 
+//
+// Scoring the cached keys
+//
+
+// Run the TriAttention scoring op (ggml_triattn_score) on layer il of the cache's stream of
+// sequence 0, on the backend that holds the cache, with the given virtual queries
+// q [n_head][head_dim] and norm weights w [n_head][head_dim/2] (unrotated basis).
+// Cells [0, n_cells) are scored, n_cells = one past the last used cell; needs n_cells <= n_max.
+// Writes scores [n_head][n_cells]; when not NULL, the cached keys as stored, converted to f32,
+// [n_cells][n_head_kv*head_dim], and the cells' positions [n_cells] (-1 for an empty cell).
+// Returns n_cells, or a negative value on error (see triattention_last_error).
+LLAMA_API int32_t triattention_score_layer(struct llama_context * ctx, int32_t il, const float * q, const float * w,
+                                           float * scores, float * keys, int32_t * pos, int32_t n_max);
+
+// Whether the cache stores keys Walsh-Hadamard rotated (llama.cpp does so for quantized K types).
+LLAMA_API bool triattention_cache_k_rotated(const struct llama_context * ctx);
+
+// The last error of this thread's TriAttention call, "" when none.
+LLAMA_API const char * triattention_last_error(void);
+
 #ifdef __cplusplus
 }
 #endif

@@ -69,6 +69,10 @@ _bind("triattention_calib_callback", _vp)
 _bind("triattention_calib_n_tokens", ctypes.c_int64, _vp)
 _bind("triattention_calib_error", ctypes.c_char_p, _vp)
 _bind("triattention_calib_get", None, _vp, _f32p, _f32p, _f32p)
+_i32p = ctypes.POINTER(ctypes.c_int32)
+_bind("triattention_score_layer", ctypes.c_int32, _vp, ctypes.c_int32, _f32p, _f32p, _f32p, _f32p, _i32p, ctypes.c_int32)
+_bind("triattention_cache_k_rotated", ctypes.c_bool, _vp)
+_bind("triattention_last_error", ctypes.c_char_p)
 _bind("triattention_calib_last", ctypes.c_int32, _vp, ctypes.c_int32, ctypes.c_bool, _f32p, ctypes.c_int64)
 
 

@@ -1,0 +1,92 @@
+// CPU implementation of GGML_OP_TRIATTN_SCORE: threads split the cells; each cached key
+// row is converted to f32 once and scored against every query head of its GQA group.
+#include "triattn-score-cpu.h"
+
+#include "ggml.h"
+
+#include <cmath>
+#include <vector>
+
+// In-place orthonormal Walsh-Hadamard transform (Sylvester order, like llama.cpp's
+// rotation matrix, which is symmetric: applying it again undoes the rotation).
+static void fwht(float * x, int n) {
+    for (int len = 1; len < n; len <<= 1) {
+        for (int i = 0; i < n; i += len << 1) {
+            for (int j = i; j < i + len; ++j) {
+                const float a = x[j];
+                const float b = x[j + len];
+                x[j]       = a + b;
+                x[j + len] = a - b;
+            }
+        }
+    }
+    const float scale = 1.0f / std::sqrt((float) n);
+    for (int i = 0; i < n; ++i) {
+        x[i] *= scale;
+    }
+}
+
+void ggml_compute_forward_triattn_score(const ggml_compute_params * params, ggml_tensor * dst) {
+    const ggml_tensor * k = dst->src[0];
+    const ggml_tensor * q = dst->src[1];
+    const ggml_tensor * w = dst->src[2];
+
+    const bool neox     = ggml_get_op_params_i32(dst, 0) != 0;
+    const int  n_rot    = ggml_get_op_params_i32(dst, 1);
+    const bool hadamard = ggml_get_op_params_i32(dst, 2) != 0;
+
+    const int     head_dim  = (int) k->ne[0];
+    const int     n_pairs   = head_dim / 2;
+    const int     half_rot  = n_rot / 2;
+    const int64_t n_head_kv = k->ne[1];
+    const int64_t n_kv      = k->ne[2];
+    const int64_t n_head    = q->ne[1];
+    const int64_t n_gqa     = n_head / n_head_kv;
+
+    const ggml_to_float_t to_float = ggml_get_type_traits(k->type)->to_float;
+
+    const int64_t per_thread = (n_kv + params->nth - 1) / params->nth;
+    const int64_t c0 = per_thread * params->ith;
+    const int64_t c1 = std::min(n_kv, c0 + per_thread);
+
+    std::vector<float> key(head_dim);
+    std::vector<float> norms(n_pairs);
+    float * out = (float *) dst->data;
+
+    for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t hk = 0; hk < n_head_kv; ++hk) {
+            const char * row = (const char *) k->data + c * k->nb[2] + hk * k->nb[1];
+            if (k->type == GGML_TYPE_F32) {
+                std::copy((const float *) row, (const float *) row + head_dim, key.begin());
+            } else {
+                to_float(row, key.data(), head_dim);
+            }
+            if (hadamard) {
+                fwht(key.data(), head_dim);
+            }
+            for (int f = 0; f < n_pairs; ++f) {
+                int re, im;
+                if (f < half_rot) {
+                    re = neox ? f : 2 * f;
+                    im = neox ? f + half_rot : 2 * f + 1;
+                } else {
+                    re = n_rot + 2 * (f - half_rot);
+                    im = re + 1;
+                }
+                norms[f] = std::sqrt(key[re] * key[re] + key[im] * key[im]);
+            }
+            for (int64_t h = hk * n_gqa; h < (hk + 1) * n_gqa; ++h) {
+                const float * qh = (const float *) ((const char *) q->data + h * q->nb[1]);
+                const float * wh = (const float *) ((const char *) w->data + h * w->nb[1]);
+                float s = 0.0f;
+                for (int i = 0; i < head_dim; ++i) {
+                    s += key[i] * qh[i];
+                }
+                for (int f = 0; f < n_pairs; ++f) {
+                    s += wh[f] * norms[f];
+                }
+                out[h * n_kv + c] = s;
+            }
+        }
+    }
+}

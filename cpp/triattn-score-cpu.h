@@ -1,0 +1,14 @@
+// CPU implementation of GGML_OP_TRIATTN_SCORE (see ggml_triattn_score in ggml.h).
+#pragma once
+
+#include "ggml-cpu-impl.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+void ggml_compute_forward_triattn_score(const struct ggml_compute_params * params, struct ggml_tensor * dst);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,80 @@
+"""The ggml scoring op against a numpy reference of algorithm.md §4 on the same cached keys.
+
+The reference does what the op avoids: it undoes RoPE on every key and evaluates the
+trigonometric series at each future offset explicitly.
+"""
+import numpy as np
+import pytest
+
+from triattention_gguf._lib import lib, llama_cpp_bindings as ll
+from triattention_gguf.calibrate import compute_centers, default_text
+from triattention_gguf.modelinfo import facts_of, loaded_model, model_context, open_gguf, rope_omega
+from triattention_gguf.scoring import OFFSETS, score_cache_layer, virtual_queries
+
+N_PROMPT = 300
+K_TYPES = {"f16": ll.GGML_TYPE_F16, "q8_0": ll.GGML_TYPE_Q8_0, "q4_0": ll.GGML_TYPE_Q4_0}
+
+
+def hadamard(n: int) -> np.ndarray:
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+
+
+def as_pairs(x: np.ndarray, rope_type: str) -> np.ndarray:
+    half = x.shape[-1] // 2
+    return x[..., :half] + 1j * x[..., half:] if rope_type == "neox" else x[..., 0::2] + 1j * x[..., 1::2]
+
+
+def reference_scores(keys, pos, t, centres, omega_l, il, rotated):
+    """keys [n, n_head_kv, d] as stored; returns [n_head, n] scores."""
+    k = keys.astype(np.float64)
+    if rotated:
+        k = k @ hadamard(k.shape[-1])  # symmetric and its own inverse
+    k_post = as_pairs(k, centres.rope_type)                              # [n, hkv, F]
+    k_pre = k_post * np.exp(-1j * omega_l[None, None, :] * pos[:, None, None])
+    gqa = centres.n_head // centres.n_head_kv
+    qbar = centres.q_mean[il].astype(np.complex128)                      # [H, F]
+    k_pre_h = np.repeat(k_pre, gqa, axis=1)                              # [n, H, F]
+    dist = (t - pos)[:, None, None, None] + OFFSETS[None, None, None, :]  # [n, 1, 1, D]
+    series = qbar[None, :, :, None] * np.conj(k_pre_h)[..., None] * np.exp(1j * omega_l[None, None, :, None] * dist)
+    s_trig = series.real.sum(axis=2).mean(axis=-1)                       # [n, H]
+    weight = centres.q_abs_mean[il] - np.abs(centres.q_mean[il])
+    s_norm = (weight[None] * np.abs(np.repeat(k_post, gqa, axis=1))).sum(-1)
+    return (s_trig + s_norm).T
+
+
+@pytest.fixture(scope="module")
+def centres_of(smollm2_path, qwen_path):
+    paths = {"smollm2": smollm2_path, "qwen": qwen_path}
+    return {name: (path, compute_centers(path, max_tokens=256, n_threads=2, progress=False))
+            for name, path in paths.items()}
+
+
+@pytest.mark.parametrize("k_type", K_TYPES)
+@pytest.mark.parametrize("model", ["smollm2", "qwen"])
+def test_op_matches_numpy_reference(model, k_type, centres_of):
+    path, centres = centres_of[model]
+    with loaded_model(path) as mdl:
+        facts = facts_of(path, open_gguf(path), mdl)
+        with model_context(mdl, n_ctx=512, n_threads=2, type_k=K_TYPES[k_type]) as ctx:
+            assert lib.triattention_cache_k_rotated(ctx) == (k_type != "f16")
+            vocab = ll.llama_model_get_vocab(mdl)
+            text = default_text()[:6000].encode()
+            buf = (ll.llama_token * 4096)()
+            n = ll.llama_tokenize(vocab, text, len(text), buf, 4096, False, False)
+            tokens = list(buf[:min(n, N_PROMPT)])
+            assert ll.llama_decode(ctx, ll.llama_batch_get_one((ll.llama_token * len(tokens))(*tokens), len(tokens))) == 0
+            omega = rope_omega(ctx, facts.n_layer, facts.head_dim)
+            t = len(tokens) - 1 + 5000  # a compression point past the prompt: phases must be right far out
+            q, w = virtual_queries(centres, omega, t)
+            for il in (0, facts.n_layer // 2, facts.n_layer - 1):
+                scores, keys, pos = score_cache_layer(ctx, il, q[il], w[il], facts.n_head_kv)
+                assert scores.shape == (facts.n_head, len(tokens))
+                np.testing.assert_array_equal(pos, np.arange(len(tokens)))
+                ref = reference_scores(keys, pos, t, centres, omega[il].astype(np.float64), il, k_type != "f16")
+                scale = np.abs(ref).max()
+                np.testing.assert_allclose(scores, ref, rtol=0, atol=2e-5 * scale,
+                                           err_msg=f"layer {il}, scale {scale:.3g}")
+                assert np.std(scores) > 1e-3 * scale  # not a constant
