@@ -75,3 +75,11 @@ def test_fetch_is_a_no_op_when_current():
     assert first.returncode == 0, first.stderr
     second = _run_fetch()
     assert second.returncode == 0 and "up to date" in second.stdout
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="the CUDA toolkit (nvcc) is not installed")
+def test_cuda_sources_compile():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "cuda_compile_check.py")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "triattn-score.cu: compiled" in result.stdout
