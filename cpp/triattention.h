@@ -70,8 +70,64 @@ LLAMA_API int32_t triattention_calib_last(const struct triattention_calib * cali
 LLAMA_API int32_t triattention_score_layer(struct llama_context * ctx, int32_t il, const float * q, const float * w,
                                            float * scores, float * keys, int32_t * pos, int32_t n_max);
 
+// The cached K and V of layer il in cells [0, n_cells) of sequence 0's stream, converted to f32:
+// k [n_cells][n_head_kv*head_dim] as stored (rotation included), v [n_cells][n_head_kv*head_dim_v]
+// (un-transposed). Returns n_cells, or -1.
+LLAMA_API int32_t triattention_cache_rows(struct llama_context * ctx, int32_t il, float * k, float * v, int32_t n_max);
+
 // Whether the cache stores keys Walsh-Hadamard rotated (llama.cpp does so for quantized K types).
 LLAMA_API bool triattention_cache_k_rotated(const struct llama_context * ctx);
+
+//
+// Compression of a context's KV cache
+//
+
+enum triattention_method {
+    TRIATTENTION_METHOD_NONE      = 0,  // full cache
+    TRIATTENTION_METHOD_TRI       = 1,  // TriAttention (needs centres)
+    TRIATTENTION_METHOD_STREAMING = 2,  // 4 attention sinks + the most recent tokens
+    TRIATTENTION_METHOD_KNORM     = 3,  // keep the keys with the smallest L2 norm
+    TRIATTENTION_METHOD_RANDOM    = 4,  // uniform random eviction (seeded)
+};
+
+enum triattention_select {
+    TRIATTENTION_SELECT_PER_HEAD = 0,  // a kept set per KV head
+    TRIATTENTION_SELECT_SHARED   = 1,  // one kept set for all heads
+};
+
+struct triattention_params {
+    int32_t  method;         // enum triattention_method
+    int32_t  budget;         // cells kept per sequence after a compression
+    int32_t  divide_length;  // compress when budget + divide_length cells are reached
+    int32_t  select;         // enum triattention_select
+    uint32_t seed;           // for TRIATTENTION_METHOD_RANDOM
+};
+
+struct triattention_stats {
+    int64_t compressions;
+    int64_t cells_evicted;
+    double  seconds;         // wall time spent compressing
+};
+
+LLAMA_API struct triattention_params triattention_default_params(void);
+
+// Validates and sets the parameters (method NONE turns compression off). The context must
+// hold a single sequence; budget + divide_length + n_ubatch must fit in its cells.
+// Returns 0, or -1 (see triattention_last_error).
+LLAMA_API int32_t triattention_set_params(struct llama_context * ctx, struct triattention_params params);
+
+// The query centres, [n_layer][n_head][head_dim/2] each (as stored in the GGUF metadata).
+LLAMA_API int32_t triattention_set_centers(struct llama_context * ctx, const float * q_mean_real,
+                                           const float * q_mean_imag, const float * q_abs_mean, int64_t n);
+
+// Compress sequence 0 to the budget now (when it holds more cells). Returns 0 or -1.
+LLAMA_API int32_t triattention_compress(struct llama_context * ctx);
+
+LLAMA_API struct triattention_stats triattention_get_stats(const struct llama_context * ctx);
+
+// The cells that the last compression kept, [n_head_kv][budget], as cell indices before it.
+// Returns the number written, or -1 when there was no compression.
+LLAMA_API int32_t triattention_last_kept(const struct llama_context * ctx, int32_t * cells, int32_t n_max);
 
 // The last error of this thread's TriAttention call, "" when none.
 LLAMA_API const char * triattention_last_error(void);

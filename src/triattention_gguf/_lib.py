@@ -72,6 +72,26 @@ _bind("triattention_calib_get", None, _vp, _f32p, _f32p, _f32p)
 _i32p = ctypes.POINTER(ctypes.c_int32)
 _bind("triattention_score_layer", ctypes.c_int32, _vp, ctypes.c_int32, _f32p, _f32p, _f32p, _f32p, _i32p, ctypes.c_int32)
 _bind("triattention_cache_k_rotated", ctypes.c_bool, _vp)
+_bind("triattention_cache_rows", ctypes.c_int32, _vp, ctypes.c_int32, _f32p, _f32p, ctypes.c_int32)
+
+
+class Params(ctypes.Structure):
+    _fields_ = [("method", ctypes.c_int32), ("budget", ctypes.c_int32), ("divide_length", ctypes.c_int32),
+                ("select", ctypes.c_int32), ("seed", ctypes.c_uint32)]
+
+
+class Stats(ctypes.Structure):
+    _fields_ = [("compressions", ctypes.c_int64), ("cells_evicted", ctypes.c_int64), ("seconds", ctypes.c_double)]
+
+
+METHODS = {"none": 0, "tri": 1, "streaming": 2, "knorm": 3, "random": 4}
+SELECT_MODES = {"per-head": 0, "shared": 1}
+_bind("triattention_default_params", Params)
+_bind("triattention_set_params", ctypes.c_int32, _vp, Params)
+_bind("triattention_set_centers", ctypes.c_int32, _vp, _f32p, _f32p, _f32p, ctypes.c_int64)
+_bind("triattention_compress", ctypes.c_int32, _vp)
+_bind("triattention_get_stats", Stats, _vp)
+_bind("triattention_last_kept", ctypes.c_int32, _vp, _i32p, ctypes.c_int32)
 _bind("triattention_last_error", ctypes.c_char_p)
 _bind("triattention_calib_last", ctypes.c_int32, _vp, ctypes.c_int32, ctypes.c_bool, _f32p, ctypes.c_int64)
 

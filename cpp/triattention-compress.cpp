@@ -1,0 +1,558 @@
+// Compression of a context's KV cache: score the cached keys, keep the top `budget` per KV head,
+// and gather the kept K and V rows to the front of the cells with graph ops on the backends that
+// hold the cache. Only the kept cell indices ([n_head_kv][budget] int32) visit the host.
+#include "triattention.h"
+#include "triattention-hooks.h"
+#include "triattention-impl.h"
+
+#include "llama-model.h"
+
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <complex>
+#include <memory>
+#include <mutex>
+#include <numeric>
+#include <random>
+#include <unordered_map>
+
+namespace {
+
+constexpr int   N_SINKS  = 4;      // streaming: attention sinks at the start of the sequence
+constexpr float KEEP     = 1e30f;  // score bonus of the newest token: never evicted
+constexpr float EVICTED  = -1e30f; // score of an empty cell
+constexpr int   MAX_NODE = 16384;
+
+struct state {
+    explicit state(const llama_context * ctx) : runner(ctx) {}
+
+    triattention_runner runner;
+    triattention_params params = triattention_default_params();
+    std::vector<float>  q_re, q_im, q_abs;  // centres [n_layer][n_head][n_pairs]
+    triattention_stats  stats{};
+    std::vector<int32_t> last_kept;         // [n_head_kv][budget]
+    std::mt19937 rng{0};
+
+    // After a per-head compaction, cell c holds a different token in each KV head: their true
+    // positions, [n_head_kv][cell], for the cells that compaction wrote (cell_pos records the
+    // position it gave the cell, to notice when llama.cpp has reused the cell since).
+    std::vector<std::vector<llama_pos>> head_pos;
+    std::vector<llama_pos>              cell_pos;
+};
+
+std::mutex g_mutex;
+std::unordered_map<const llama_context *, std::unique_ptr<state>> g_states;
+thread_local std::string g_error;
+
+state * find_state(const llama_context * ctx) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto it = g_states.find(ctx);
+    return it == g_states.end() ? nullptr : it->second.get();
+}
+
+state & state_of(const llama_context * ctx) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto & slot = g_states[ctx];
+    if (!slot) {
+        slot = std::make_unique<state>(ctx);
+    }
+    return *slot;
+}
+
+struct layer_shape {
+    int64_t head_dim, n_head, n_head_kv, n_rot;
+};
+
+layer_shape shape_of(const llama_hparams & hp, int il) {
+    return { hp.n_embd_head_k(il), hp.n_head(il), hp.n_head_kv(il), hp.n_rot(il) };
+}
+
+// z-score each row (query head) over the valid cells: (s - mean) / (std + eps); empty cells -> 0.
+ggml_tensor * znorm(ggml_context * g, ggml_tensor * s, ggml_tensor * valid, float n_valid) {
+    ggml_tensor * mean = ggml_scale(g, ggml_sum_rows(g, ggml_mul(g, s, valid)), 1.0f / n_valid);
+    ggml_tensor * centred = ggml_mul(g, ggml_sub(g, s, mean), valid);
+    ggml_tensor * var = ggml_scale(g, ggml_sum_rows(g, ggml_sqr(g, centred)), 1.0f / n_valid);
+    return ggml_div(g, centred, ggml_scale_bias(g, ggml_sqrt(g, var), 1.0f, 1e-6f));
+}
+
+// [n_kv, n_head] -> [n_kv, n_head_kv]: max over the query heads of each GQA group.
+ggml_tensor * gqa_max(ggml_context * g, ggml_tensor * z, int64_t n_head_kv) {
+    const int64_t n_gqa = z->ne[1] / n_head_kv;
+    if (n_gqa == 1) {
+        return z;
+    }
+    auto group = [&](int64_t i) {
+        return ggml_cont(g, ggml_view_2d(g, z, z->ne[0], n_head_kv, n_gqa * z->nb[1], i * z->nb[1]));
+    };
+    ggml_tensor * m = group(0);
+    for (int64_t i = 1; i < n_gqa; ++i) {
+        ggml_tensor * b = group(i);
+        // max(a, b) = (a + b + |a - b|) / 2
+        m = ggml_scale(g, ggml_add(g, ggml_add(g, m, b), ggml_abs(g, ggml_sub(g, m, b))), 0.5f);
+    }
+    return m;
+}
+
+// A tensor of another type over the same bytes as storage (for bit-exact row moves).
+ggml_tensor * alias(ggml_context * g, ggml_tensor * storage, ggml_type type, int64_t ne0, int64_t ne1) {
+    ggml_tensor * t = ggml_new_tensor_2d(g, type, ne0, ne1);
+    GGML_ASSERT(ggml_nbytes(t) == ggml_nbytes(storage));
+    ggml_backend_tensor_alloc(storage->buffer, t, storage->data);
+    return t;
+}
+
+struct candidates {
+    int32_t n_kv = 0;                          // cells [0, n_kv) are scored
+    std::vector<std::vector<llama_pos>> pos;   // [n_head_kv][cell], -1 for empty
+    std::vector<float> bonus;                  // [n_head_kv][cell]: newest kept, empty evicted
+    std::vector<float> valid;                  // [cell]
+    int32_t n_valid = 0;
+    llama_pos newest = -1;
+};
+
+candidates gather_candidates(const state & st, const llama_kv_cells & cells, int64_t n_head_kv) {
+    candidates c;
+    c.n_kv = (int32_t) cells.used_max_p1();
+    c.pos.assign(n_head_kv, std::vector<llama_pos>(c.n_kv, -1));
+    c.valid.assign(c.n_kv, 0.0f);
+    for (int32_t i = 0; i < c.n_kv; ++i) {
+        if (cells.is_empty(i)) {
+            continue;
+        }
+        const llama_pos p = cells.pos_get(i);
+        const bool compacted = i < (int32_t) st.cell_pos.size() && st.cell_pos[i] == p;
+        for (int64_t hk = 0; hk < n_head_kv; ++hk) {
+            c.pos[hk][i] = compacted ? st.head_pos[hk][i] : p;
+            c.newest = std::max(c.newest, c.pos[hk][i]);
+        }
+        c.valid[i] = 1.0f;
+        c.n_valid++;
+    }
+    c.bonus.assign(n_head_kv * c.n_kv, 0.0f);
+    for (int64_t hk = 0; hk < n_head_kv; ++hk) {
+        for (int32_t i = 0; i < c.n_kv; ++i) {
+            float & b = c.bonus[hk * c.n_kv + i];
+            b = c.pos[hk][i] < 0 ? EVICTED : c.pos[hk][i] == c.newest ? KEEP : 0.0f;
+        }
+    }
+    return c;
+}
+
+// Keep the top `budget` of each row of scores [n_rows][n_kv] (host); ties go to the newer token.
+std::vector<int32_t> top_per_row(const std::vector<float> & scores, const candidates & c, int64_t n_rows,
+                                 int32_t budget) {
+    std::vector<int32_t> kept(n_rows * budget);
+    std::vector<int32_t> order(c.n_kv);
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const float * s = scores.data() + r * c.n_kv;
+        const auto & pos = c.pos[r % c.pos.size()];
+        std::iota(order.begin(), order.end(), 0);
+        std::partial_sort(order.begin(), order.begin() + budget, order.end(), [&](int32_t a, int32_t b) {
+            return s[a] != s[b] ? s[a] > s[b] : pos[a] > pos[b];
+        });
+        std::copy(order.begin(), order.begin() + budget, kept.begin() + r * budget);
+    }
+    return kept;
+}
+
+// Device scores [n_head_kv][n_kv] for TRI and KNORM (one graph over every layer), bonus included.
+bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const candidates & c,
+                   std::vector<float> & out) {
+    const llama_model & model = ctx->get_model();
+    const llama_hparams & hp = model.hparams;
+    const int n_layer = (int) hp.n_layer();
+    const layer_shape s0 = shape_of(hp, 0);
+    const bool tri = st.params.method == TRIATTENTION_METHOD_TRI;
+
+    ggml_context_ptr g = triattention_graph_context(MAX_NODE);
+    auto input = [&](ggml_tensor * t) { ggml_set_input(t); return t; };
+    ggml_tensor * bonus = input(ggml_new_tensor_2d(g.get(), GGML_TYPE_F32, c.n_kv, s0.n_head_kv));
+    // only tri's graph reads these; an input the graph does not use gets no buffer
+    ggml_tensor * valid = tri ? input(ggml_new_tensor_2d(g.get(), GGML_TYPE_F32, c.n_kv, 1)) : nullptr;
+    ggml_tensor * q_all = tri ? input(ggml_new_tensor_3d(g.get(), GGML_TYPE_F32, s0.head_dim, s0.n_head, n_layer)) : nullptr;
+    ggml_tensor * w_all = tri ? input(ggml_new_tensor_3d(g.get(), GGML_TYPE_F32, s0.head_dim / 2, s0.n_head, n_layer)) : nullptr;
+
+    ggml_tensor * acc = nullptr;
+    for (int il = 0; il < n_layer; ++il) {
+        ggml_tensor * k = kv->get_k_storage(il);
+        ggml_tensor * kview = ggml_view_3d(g.get(), k, s0.head_dim, s0.n_head_kv, c.n_kv,
+                                           ggml_row_size(k->type, s0.head_dim), k->nb[1], 0);
+        ggml_tensor * layer;
+        if (tri) {
+            ggml_tensor * q = ggml_view_2d(g.get(), q_all, s0.head_dim, s0.n_head, q_all->nb[1], il * q_all->nb[2]);
+            ggml_tensor * w = ggml_view_2d(g.get(), w_all, s0.head_dim / 2, s0.n_head, w_all->nb[1], il * w_all->nb[2]);
+            ggml_tensor * score = ggml_triattn_score(g.get(), kview, q, w, hp.rope_type == LLAMA_ROPE_TYPE_NEOX,
+                                                     (int) s0.n_rot, kv->get_attn_rot_k());
+            layer = gqa_max(g.get(), znorm(g.get(), score, valid, (float) c.n_valid), s0.n_head_kv);
+        } else {
+            // knorm: minus the L2 norm of each key (rotation-invariant), [n_kv, n_head_kv]
+            ggml_tensor * norm = ggml_sqrt(g.get(), ggml_sum_rows(g.get(), ggml_sqr(g.get(),
+                                  ggml_cast(g.get(), kview, GGML_TYPE_F32))));
+            layer = ggml_scale(g.get(), ggml_cont(g.get(), ggml_transpose(g.get(),
+                                  ggml_reshape_2d(g.get(), norm, s0.n_head_kv, c.n_kv))), -1.0f);
+        }
+        acc = acc ? ggml_add(g.get(), acc, layer) : layer;
+    }
+    ggml_tensor * total = ggml_add(g.get(), ggml_scale(g.get(), acc, 1.0f / n_layer), bonus);
+    ggml_set_output(total);
+    ggml_cgraph * gf = ggml_new_graph_custom(g.get(), MAX_NODE, false);
+    ggml_build_forward_expand(gf, total);
+
+    std::vector<float> q, w;
+    if (tri) {
+        // virtual queries at t = newest position (algorithm.md §4), in the model's pair layout
+        const double t = (double) c.newest;
+        const int n_pairs = (int) s0.head_dim / 2;
+        const int half_rot = (int) s0.n_rot / 2;
+        const bool neox = hp.rope_type == LLAMA_ROPE_TYPE_NEOX;
+        q.assign(ggml_nelements(q_all), 0.0f);
+        w.assign(ggml_nelements(w_all), 0.0f);
+        std::vector<float> omega(n_pairs);
+        for (int il = 0; il < n_layer; ++il) {
+            triattention_rope_omega(ctx, il, omega.data());
+            for (int f = 0; f < n_pairs; ++f) {
+                std::complex<double> mean_offset = 0.0;
+                for (int d = 0; d <= 16; ++d) {
+                    mean_offset += std::polar(1.0, omega[f] * std::ldexp(1.0, d));
+                }
+                const std::complex<double> phase = std::polar(1.0, omega[f] * t) * (mean_offset / 17.0);
+                int re, im;
+                if (f < half_rot) {
+                    re = neox ? f : 2 * f;
+                    im = neox ? f + half_rot : 2 * f + 1;
+                } else {
+                    re = (int) s0.n_rot + 2 * (f - half_rot);
+                    im = re + 1;
+                }
+                for (int h = 0; h < s0.n_head; ++h) {
+                    const size_t i = ((size_t) il * s0.n_head + h) * n_pairs + f;
+                    const std::complex<double> v = std::complex<double>(st.q_re[i], st.q_im[i]) * phase;
+                    float * qh = q.data() + ((size_t) il * s0.n_head + h) * s0.head_dim;
+                    qh[re] = (float) v.real();
+                    qh[im] = (float) v.imag();
+                    w[i] = st.q_abs[i] - (float) std::hypot(st.q_re[i], st.q_im[i]);
+                }
+            }
+        }
+    }
+    const bool ok = st.runner.run(gf, [&] {
+        ggml_backend_tensor_set(bonus, c.bonus.data(), 0, ggml_nbytes(bonus));
+        if (tri) {
+            ggml_backend_tensor_set(valid, c.valid.data(), 0, ggml_nbytes(valid));
+            ggml_backend_tensor_set(q_all, q.data(), 0, ggml_nbytes(q_all));
+            ggml_backend_tensor_set(w_all, w.data(), 0, ggml_nbytes(w_all));
+        }
+    });
+    if (!ok) {
+        return false;
+    }
+    out.resize(ggml_nelements(total));
+    ggml_backend_tensor_get(total, out.data(), 0, ggml_nbytes(total));
+    return true;
+}
+
+// Host scores [n_head_kv][n_kv] for STREAMING and RANDOM, bonus included.
+std::vector<float> host_scores(state & st, const candidates & c) {
+    std::vector<float> s(c.bonus);
+    std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+    for (size_t hk = 0; hk < c.pos.size(); ++hk) {
+        for (int32_t i = 0; i < c.n_kv; ++i) {
+            const llama_pos p = c.pos[hk][i];
+            float & v = s[hk * c.n_kv + i];
+            if (p >= 0 && v == 0.0f) {
+                v = st.params.method == TRIATTENTION_METHOD_RANDOM ? uniform(st.rng)
+                  : p < N_SINKS                                   ? KEEP / 2
+                                                                  : (float) p;
+            }
+        }
+    }
+    return s;
+}
+
+// Move each head's kept rows (sorted by position) to cells [0, budget) in every layer.
+bool compact(llama_context * ctx, state & st, llama_kv_cache * kv, const std::vector<int32_t> & kept,
+             int32_t budget, int32_t n_kv) {
+    const llama_hparams & hp = ctx->get_model().hparams;
+    const int n_layer = (int) hp.n_layer();
+    const int64_t n_head_kv = hp.n_head_kv(0);
+
+    ggml_context_ptr g = triattention_graph_context(MAX_NODE);
+    ggml_tensor * idx = ggml_new_tensor_2d(g.get(), GGML_TYPE_I32, budget, n_head_kv);
+    ggml_set_input(idx);
+    ggml_cgraph * gf = ggml_new_graph_custom(g.get(), MAX_NODE, false);
+
+    // rows of `storage` laid out [row of one head][head][cell]: gather per head, bit-exact as int32
+    auto move_rows = [&](ggml_tensor * storage, int64_t row_bytes) {
+        const int64_t n_words = row_bytes / 4;
+        ggml_tensor * words = alias(g.get(), storage, GGML_TYPE_I32, ggml_nbytes(storage) / 4, 1);
+        auto cells = [&](int64_t n) {
+            return ggml_permute(g.get(), ggml_view_3d(g.get(), words, n_words, n_head_kv, n, row_bytes,
+                                                       storage->nb[1], 0), 0, 2, 1, 3);
+        };
+        ggml_build_forward_expand(gf, ggml_cpy(g.get(), ggml_get_rows(g.get(), cells(n_kv), idx), cells(budget)));
+    };
+    // a transposed V: [cell] runs per dimension; gather columns through a contiguous copy
+    auto move_columns = [&](ggml_tensor * storage, int64_t head_dim_v) {
+        const int64_t kv_size = kv->get_size();
+        const size_t es = ggml_type_size(storage->type);
+        auto cols = [&](int64_t n) {
+            return ggml_permute(g.get(), ggml_view_3d(g.get(), storage, n, head_dim_v, n_head_kv,
+                                                       kv_size * es, head_dim_v * kv_size * es, 0), 1, 0, 2, 3);
+        };
+        ggml_tensor * rows = ggml_get_rows(g.get(), ggml_cont(g.get(), cols(n_kv)), idx);
+        ggml_build_forward_expand(gf, ggml_cpy(g.get(), rows, cols(budget)));
+    };
+
+    for (int il = 0; il < n_layer; ++il) {
+        ggml_tensor * k = kv->get_k_storage(il);
+        ggml_tensor * v = kv->get_v_storage(il);
+        const int64_t k_row = ggml_row_size(k->type, hp.n_embd_head_k(il));
+        const int64_t v_head = hp.n_embd_head_v(il);
+        if (k_row % 4 != 0 || (!kv->get_v_trans() && ggml_row_size(v->type, v_head) % 4 != 0)) {
+            triattention_fail("a head's cached row is not a whole number of 32-bit words");
+            return false;
+        }
+        move_rows(k, k_row);
+        if (kv->get_v_trans()) {
+            move_columns(v, v_head);
+        } else {
+            move_rows(v, ggml_row_size(v->type, v_head));
+        }
+    }
+    return st.runner.run(gf, [&] { ggml_backend_tensor_set(idx, kept.data(), 0, ggml_nbytes(idx)); });
+}
+
+int32_t compress_now(llama_context * ctx, state & st) {
+    llama_kv_cache * kv = triattention_kv_cache(ctx);
+    const llama_hparams & hp = ctx->get_model().hparams;
+    const int64_t n_head_kv = hp.n_head_kv(0);
+    const int32_t budget = st.params.budget;
+    llama_kv_cells & cells = kv->get_cells_mut(0);
+    if ((int32_t) cells.get_used() <= budget) {
+        return 0;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    llama_synchronize(ctx);
+
+    const candidates c = gather_candidates(st, cells, n_head_kv);
+    std::vector<float> scores;
+    if (st.params.method == TRIATTENTION_METHOD_TRI || st.params.method == TRIATTENTION_METHOD_KNORM) {
+        if (!device_scores(ctx, st, kv, c, scores)) {
+            return triattention_fail("the scoring graph failed");
+        }
+    } else {
+        scores = host_scores(st, c);
+    }
+    std::vector<int32_t> kept;
+    if (st.params.select == TRIATTENTION_SELECT_SHARED) {
+        std::vector<float> mean(c.n_kv, 0.0f);
+        for (int64_t hk = 0; hk < n_head_kv; ++hk) {
+            for (int32_t i = 0; i < c.n_kv; ++i) {
+                mean[i] += scores[hk * c.n_kv + i] / (float) n_head_kv;
+            }
+        }
+        const std::vector<int32_t> one = top_per_row(mean, c, 1, budget);
+        for (int64_t hk = 0; hk < n_head_kv; ++hk) {
+            kept.insert(kept.end(), one.begin(), one.end());
+        }
+    } else {
+        kept = top_per_row(scores, c, n_head_kv, budget);
+    }
+    // Each head's kept cells in position order: the newest lands in the last cell of every head.
+    for (int64_t hk = 0; hk < n_head_kv; ++hk) {
+        auto first = kept.begin() + hk * budget;
+        std::sort(first, first + budget, [&](int32_t a, int32_t b) { return c.pos[hk][a] < c.pos[hk][b]; });
+    }
+    if (!compact(ctx, st, kv, kept, budget, c.n_kv)) {
+        return triattention_fail(std::string("the compaction graph failed") +
+                                 (g_error.empty() ? "" : ": " + g_error));
+    }
+
+    // The cells now: [0, budget) hold seq 0; a cell's position is the newest of its tokens, so
+    // every kept key stays visible to later queries and the next position follows the newest.
+    std::vector<std::vector<llama_pos>> head_pos(n_head_kv, std::vector<llama_pos>(budget));
+    std::vector<llama_pos> cell_pos(budget, -1);
+    for (int64_t hk = 0; hk < n_head_kv; ++hk) {
+        for (int32_t j = 0; j < budget; ++j) {
+            head_pos[hk][j] = c.pos[hk][kept[hk * budget + j]];
+            cell_pos[j] = std::max(cell_pos[j], head_pos[hk][j]);
+        }
+    }
+    const int32_t used_before = (int32_t) cells.get_used();
+    for (int32_t i = 0; i < c.n_kv; ++i) {
+        if (!cells.is_empty(i)) {
+            cells.rm(i);
+        }
+    }
+    for (int32_t j = 0; j < budget; ++j) {
+        cells.pos_set(j, cell_pos[j]);
+        cells.seq_add(j, 0);
+    }
+    st.head_pos = std::move(head_pos);
+    st.cell_pos = std::move(cell_pos);
+    st.last_kept = std::move(kept);
+    st.stats.compressions++;
+    st.stats.cells_evicted += used_before - budget;
+    st.stats.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    return 0;
+}
+
+}  // namespace
+
+int32_t triattention_fail(const std::string & message) {
+    g_error = message;
+    return -1;
+}
+
+void triattention_clear_error() {
+    g_error.clear();
+}
+
+const char * triattention_last_error(void) {
+    return g_error.c_str();
+}
+
+llama_kv_cache * triattention_kv_cache(const llama_context * ctx) {
+    return dynamic_cast<llama_kv_cache *>(llama_get_memory(ctx));
+}
+
+triattention_runner::triattention_runner(const llama_context * ctx) {
+    // every device that holds part of the cache, then the CPU (ggml's scheduler wants it last)
+    std::vector<ggml_backend_dev_t> devices;
+    if (const llama_kv_cache * kv = triattention_kv_cache(ctx)) {
+        for (uint32_t il = 0; il < ctx->get_model().hparams.n_layer(); ++il) {
+            ggml_backend_buffer_t buf = kv->get_k_storage((int32_t) il)->buffer;
+            if (!ggml_backend_buffer_is_host(buf)) {
+                ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(buf));
+                if (std::find(devices.begin(), devices.end(), dev) == devices.end()) {
+                    devices.push_back(dev);
+                }
+            }
+        }
+    }
+    devices.push_back(ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU));
+    std::vector<ggml_backend_t> raw;
+    for (ggml_backend_dev_t dev : devices) {
+        backends.emplace_back(ggml_backend_dev_init(dev, nullptr));
+        raw.push_back(backends.back().get());
+    }
+    ggml_backend_cpu_set_n_threads(raw.back(), ctx->get_cparams().n_threads);
+    sched.reset(ggml_backend_sched_new(raw.data(), nullptr, (int) raw.size(), MAX_NODE, false, false));
+}
+
+triattention_runner & triattention_runner_of(const llama_context * ctx) {
+    return state_of(ctx).runner;
+}
+
+ggml_context_ptr triattention_graph_context(size_t n_nodes) {
+    ggml_init_params params = { n_nodes * ggml_tensor_overhead() + ggml_graph_overhead_custom(n_nodes, false),
+                                nullptr, true };
+    return ggml_context_ptr(ggml_init(params));
+}
+
+triattention_params triattention_default_params(void) {
+    return { TRIATTENTION_METHOD_NONE, 2048, 128, TRIATTENTION_SELECT_PER_HEAD, 0 };
+}
+
+int32_t triattention_set_params(llama_context * ctx, triattention_params params) {
+    triattention_clear_error();
+    if (params.method < TRIATTENTION_METHOD_NONE || params.method > TRIATTENTION_METHOD_RANDOM) {
+        return triattention_fail("unknown compression method " + std::to_string(params.method));
+    }
+    if (params.select != TRIATTENTION_SELECT_PER_HEAD && params.select != TRIATTENTION_SELECT_SHARED) {
+        return triattention_fail("unknown selection mode " + std::to_string(params.select));
+    }
+    if (params.method != TRIATTENTION_METHOD_NONE) {
+        const llama_kv_cache * kv = triattention_kv_cache(ctx);
+        if (kv == nullptr || ctx->get_model().hparams.is_swa_any()) {
+            return triattention_fail("this model's memory is not a single full-attention KV cache "
+                                     "(sliding-window, recurrent or hybrid); it cannot be compressed");
+        }
+        if (ctx->get_cparams().n_seq_max != 1) {
+            return triattention_fail("compression needs a context with a single sequence (n_seq_max = 1)");
+        }
+        const int64_t need = (int64_t) params.budget + params.divide_length + ctx->get_cparams().n_ubatch;
+        if (params.budget < N_SINKS + 1 || params.divide_length < 1 || need > kv->get_size()) {
+            return triattention_fail("budget " + std::to_string(params.budget) + " + divide_length " +
+                                     std::to_string(params.divide_length) + " + n_ubatch must fit in the " +
+                                     std::to_string(kv->get_size()) + " cells of the cache (budget >= 5)");
+        }
+    }
+    state & st = state_of(ctx);
+    if (params.method == TRIATTENTION_METHOD_TRI && st.q_re.empty()) {
+        return triattention_fail("method tri needs the query centres: call triattention_set_centers first");
+    }
+    st.params = params;
+    st.rng.seed(params.seed);
+    return 0;
+}
+
+int32_t triattention_set_centers(llama_context * ctx, const float * q_mean_real, const float * q_mean_imag,
+                                 const float * q_abs_mean, int64_t n) {
+    triattention_clear_error();
+    const llama_hparams & hp = ctx->get_model().hparams;
+    const int64_t expected = (int64_t) hp.n_layer() * hp.n_head() * (hp.n_embd_head_k() / 2);
+    if (n != expected) {
+        return triattention_fail("centres have " + std::to_string(n) + " entries; this model needs n_layer * n_head"
+                                 " * head_dim/2 = " + std::to_string(expected));
+    }
+    state & st = state_of(ctx);
+    st.q_re.assign(q_mean_real, q_mean_real + n);
+    st.q_im.assign(q_mean_imag, q_mean_imag + n);
+    st.q_abs.assign(q_abs_mean, q_abs_mean + n);
+    return 0;
+}
+
+int32_t triattention_compress(llama_context * ctx) {
+    triattention_clear_error();
+    state * st = find_state(ctx);
+    if (st == nullptr || st->params.method == TRIATTENTION_METHOD_NONE) {
+        return triattention_fail("compression is off for this context (triattention_set_params)");
+    }
+    return compress_now(ctx, *st);
+}
+
+triattention_stats triattention_get_stats(const llama_context * ctx) {
+    const state * st = find_state(ctx);
+    return st ? st->stats : triattention_stats{};
+}
+
+int32_t triattention_last_kept(const llama_context * ctx, int32_t * cells, int32_t n_max) {
+    const state * st = find_state(ctx);
+    if (st == nullptr || st->last_kept.empty() || (int32_t) st->last_kept.size() > n_max) {
+        return -1;
+    }
+    std::copy(st->last_kept.begin(), st->last_kept.end(), cells);
+    return (int32_t) st->last_kept.size();
+}
+
+int32_t triattention_on_decode(llama_context * ctx, const llama_batch & batch) {
+    state * st = find_state(ctx);
+    if (st == nullptr || st->params.method == TRIATTENTION_METHOD_NONE) {
+        return 0;
+    }
+    const llama_kv_cache * kv = triattention_kv_cache(ctx);
+    const int32_t limit = st->params.budget + st->params.divide_length;
+    if ((int32_t) kv->get_cells(0).get_used() + batch.n_tokens <= limit) {
+        return 0;
+    }
+    if ((int64_t) batch.n_tokens > ctx->get_cparams().n_ubatch) {
+        LLAMA_LOG_ERROR("%s: with KV compression a batch may hold at most n_ubatch = %u tokens, not %d\n",
+                        __func__, ctx->get_cparams().n_ubatch, batch.n_tokens);
+        return -1;
+    }
+    if (compress_now(ctx, *st) != 0) {
+        LLAMA_LOG_ERROR("%s: KV compression failed: %s\n", __func__, g_error.c_str());
+        return -1;
+    }
+    return 0;
+}
+
+void triattention_on_free(llama_context * ctx) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    g_states.erase(ctx);
+}

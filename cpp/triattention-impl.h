@@ -1,0 +1,43 @@
+// Internal helpers shared by the TriAttention sources inside libllama.
+#pragma once
+
+#include "llama-context.h"
+#include "llama-kv-cache.h"
+
+#include "ggml-cpp.h"
+
+#include <string>
+#include <vector>
+
+// Records the message for triattention_last_error and returns -1.
+int32_t triattention_fail(const std::string & message);
+
+void triattention_clear_error();
+
+// The context's KV cache when it is a plain llama_kv_cache (no SWA/hybrid/recurrent memory).
+llama_kv_cache * triattention_kv_cache(const llama_context * ctx);
+
+// Runs graphs on the backends that hold a context's cache: one scheduler over every device
+// with KV layers, plus the CPU. Created on first use, kept with the context.
+struct triattention_runner {
+    std::vector<ggml_backend_ptr> backends;
+    ggml_backend_sched_ptr        sched;
+
+    explicit triattention_runner(const llama_context * ctx);
+
+    // Allocates gf, calls set_inputs, computes. Returns false on failure.
+    template <typename F>
+    bool run(ggml_cgraph * gf, F && set_inputs) {
+        ggml_backend_sched_reset(sched.get());
+        if (!ggml_backend_sched_alloc_graph(sched.get(), gf)) {
+            return false;
+        }
+        set_inputs();
+        return ggml_backend_sched_graph_compute(sched.get(), gf) == GGML_STATUS_SUCCESS;
+    }
+};
+
+triattention_runner & triattention_runner_of(const llama_context * ctx);
+
+// A graph context for at most n_nodes nodes (tensors are not allocated).
+ggml_context_ptr triattention_graph_context(size_t n_nodes);

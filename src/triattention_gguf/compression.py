@@ -1,0 +1,67 @@
+"""Turn on KV-cache compression for a llama_context* and read what it did (C API wrappers)."""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from triattention_gguf._lib import METHODS, SELECT_MODES, lib, llama_cpp_bindings as ll
+from triattention_gguf.centers import Centers
+
+_f32p, _i32p = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32)
+
+
+class CompressionError(ValueError):
+    pass
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise CompressionError(f"{what}: {lib.triattention_last_error().decode()}")
+
+
+def configure(ctx, method: str, budget: int = 2048, divide_length: int = 128, select: str = "per-head",
+              seed: int = 0, centers: Centers | None = None) -> None:
+    """Compress ctx's cache with `method` to `budget` cells whenever budget + divide_length is reached."""
+    if method not in METHODS:
+        raise CompressionError(f"unknown kv_compress method {method!r}; choose one of {', '.join(METHODS)}")
+    if select not in SELECT_MODES:
+        raise CompressionError(f"unknown kv_select {select!r}; choose one of {', '.join(SELECT_MODES)}")
+    if centers is not None:
+        arrays = [np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
+                  for a in (centers.q_mean.real, centers.q_mean.imag, centers.q_abs_mean)]
+        _check(lib.triattention_set_centers(ctx, *(a.ctypes.data_as(_f32p) for a in arrays), arrays[0].size),
+               "centres")
+    params = lib.triattention_default_params()
+    params.method, params.budget, params.divide_length = METHODS[method], budget, divide_length
+    params.select, params.seed = SELECT_MODES[select], seed
+    _check(lib.triattention_set_params(ctx, params), "compression parameters")
+
+
+def compress(ctx) -> None:
+    _check(lib.triattention_compress(ctx), "compression")
+
+
+def stats(ctx) -> dict:
+    s = lib.triattention_get_stats(ctx)
+    return {"compressions": s.compressions, "cells_evicted": s.cells_evicted, "compress_seconds": s.seconds}
+
+
+def last_kept(ctx, n_head_kv: int, budget: int) -> np.ndarray:
+    """[n_head_kv, budget] cell indices (before the last compression) that it kept."""
+    out = np.zeros(n_head_kv * budget, dtype=np.int32)
+    n = lib.triattention_last_kept(ctx, out.ctypes.data_as(_i32p), out.size)
+    if n != out.size:
+        raise CompressionError("no compression has happened with these dimensions")
+    return out.reshape(n_head_kv, budget)
+
+
+def cache_rows(ctx, il: int, k_width: int, v_width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Layer il's cached K and V (f32, [n_cells, n_head_kv * head_dim]) of sequence 0's stream."""
+    n_max = ll.llama_n_ctx(ctx)
+    k = np.zeros((n_max, k_width), dtype=np.float32)
+    v = np.zeros((n_max, v_width), dtype=np.float32)
+    n = lib.triattention_cache_rows(ctx, il, k.ctypes.data_as(_f32p), v.ctypes.data_as(_f32p), n_max)
+    if n < 0:
+        raise CompressionError(lib.triattention_last_error().decode())
+    return k[:n], v[:n]
