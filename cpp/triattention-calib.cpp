@@ -4,6 +4,7 @@
 // its input as src[0]; that input was computed (and copied here) before the ROPE ran, so the
 // copy is exactly the query fed to RoPE, even when the allocator lets RoPE work in place.
 #include "triattention.h"
+#include "triattn-pairs.h"
 
 #include "llama-model.h"
 
@@ -75,7 +76,6 @@ static bool copy_queries(const ggml_tensor * t, captured & out) {
 
 static void accumulate(triattention_calib & c, int il, const captured & q) {
     const int F = c.pairs();
-    const int half_rot = c.n_rot / 2;
     for (int64_t tok = 0; tok < q.n_tokens; ++tok) {
         for (int h = 0; h < c.n_head; ++h) {
             const float * x = q.data.data() + (tok * c.n_head + h) * c.head_dim;
@@ -83,17 +83,10 @@ static void accumulate(triattention_calib & c, int il, const captured & q) {
             double * im_acc  = c.sum_im.data()  + ((size_t) il * c.n_head + h) * F;
             double * abs_acc = c.sum_abs.data() + ((size_t) il * c.n_head + h) * F;
             for (int f = 0; f < F; ++f) {
-                double re, im;
-                if (f < half_rot) {
-                    // NORM rotates adjacent pairs (2f, 2f+1); NEOX pairs f with f + n_rot/2.
-                    re = c.neox ? x[f] : x[2 * f];
-                    im = c.neox ? x[f + half_rot] : x[2 * f + 1];
-                } else {
-                    // Unrotated tail of a partial RoPE: adjacent pairs after the rotated dims.
-                    const int j = c.n_rot + 2 * (f - half_rot);
-                    re = x[j];
-                    im = x[j + 1];
-                }
+                int i_re, i_im;
+                triattn_pair_dims(f, c.neox, c.n_rot, &i_re, &i_im);
+                const double re = x[i_re];
+                const double im = x[i_im];
                 re_acc[f]  += re;
                 im_acc[f]  += im;
                 abs_acc[f] += std::sqrt(re * re + im * im);

@@ -4,6 +4,7 @@
 #include "triattention.h"
 #include "triattention-hooks.h"
 #include "triattention-impl.h"
+#include "triattn-pairs.h"
 
 #include "llama-model.h"
 
@@ -207,7 +208,6 @@ bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const c
         // virtual queries at t = newest position (algorithm.md §4), in the model's pair layout
         const double t = (double) c.newest;
         const int n_pairs = (int) s0.head_dim / 2;
-        const int half_rot = (int) s0.n_rot / 2;
         const bool neox = hp.rope_type == LLAMA_ROPE_TYPE_NEOX;
         q.assign(ggml_nelements(q_all), 0.0f);
         w.assign(ggml_nelements(w_all), 0.0f);
@@ -221,13 +221,7 @@ bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const c
                 }
                 const std::complex<double> phase = std::polar(1.0, omega[f] * t) * (mean_offset / 17.0);
                 int re, im;
-                if (f < half_rot) {
-                    re = neox ? f : 2 * f;
-                    im = neox ? f + half_rot : 2 * f + 1;
-                } else {
-                    re = (int) s0.n_rot + 2 * (f - half_rot);
-                    im = re + 1;
-                }
+                triattn_pair_dims(f, neox, (int) s0.n_rot, &re, &im);
                 for (int h = 0; h < s0.n_head; ++h) {
                     const size_t i = ((size_t) il * s0.n_head + h) * n_pairs + f;
                     const std::complex<double> v = std::complex<double>(st.q_re[i], st.q_im[i]) * phase;

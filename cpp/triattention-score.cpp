@@ -9,26 +9,35 @@ bool triattention_cache_k_rotated(const llama_context * ctx) {
     return kv != nullptr && kv->get_attn_rot_k();
 }
 
-int32_t triattention_score_layer(llama_context * ctx, int32_t il, const float * q, const float * w,
-                                 float * scores, float * keys, int32_t * pos, int32_t n_max) {
+// The cache and the number of cells [0, n_cells) of sequence 0's stream to read from layer il;
+// returns -1 on bad arguments, 0 when there is nothing to read, else n_cells.
+static int32_t cells_to_read(llama_context * ctx, int32_t il, int32_t n_max, llama_kv_cache ** kv_out) {
     triattention_clear_error();
     llama_kv_cache * kv = triattention_kv_cache(ctx);
     if (kv == nullptr) {
         return triattention_fail("the context's memory is not a plain llama_kv_cache");
     }
-    const llama_hparams & hp = ctx->get_model().hparams;
-    if (il < 0 || il >= (int32_t) hp.n_layer()) {
+    if (il < 0 || il >= (int32_t) ctx->get_model().hparams.n_layer()) {
         return triattention_fail("layer out of range");
     }
-    const llama_kv_cells & cells = kv->get_cells(0);
-    const int32_t n_cells = (int32_t) cells.used_max_p1();
+    const int32_t n_cells = (int32_t) kv->get_cells(0).used_max_p1();
     if (n_cells > n_max) {
         return triattention_fail("n_max is smaller than the number of cells");
     }
-    if (n_cells == 0) {
-        return 0;
-    }
     llama_synchronize(ctx);
+    *kv_out = kv;
+    return n_cells;
+}
+
+int32_t triattention_score_layer(llama_context * ctx, int32_t il, const float * q, const float * w,
+                                 float * scores, float * keys, int32_t * pos, int32_t n_max) {
+    llama_kv_cache * kv = nullptr;
+    const int32_t n_cells = cells_to_read(ctx, il, n_max, &kv);
+    if (n_cells <= 0) {
+        return n_cells;
+    }
+    const llama_hparams & hp = ctx->get_model().hparams;
+    const llama_kv_cells & cells = kv->get_cells(0);
     ggml_tensor * k_store = kv->get_k_storage(il);
     const int64_t head_dim  = hp.n_embd_head_k(il);
     const int64_t n_head_kv = hp.n_head_kv(il);
@@ -72,19 +81,11 @@ int32_t triattention_score_layer(llama_context * ctx, int32_t il, const float * 
 }
 
 int32_t triattention_cache_rows(llama_context * ctx, int32_t il, float * k, float * v, int32_t n_max) {
-    triattention_clear_error();
-    llama_kv_cache * kv = triattention_kv_cache(ctx);
-    if (kv == nullptr || il < 0 || il >= (int32_t) ctx->get_model().hparams.n_layer()) {
-        return triattention_fail("no plain KV cache, or layer out of range");
+    llama_kv_cache * kv = nullptr;
+    const int32_t n_cells = cells_to_read(ctx, il, n_max, &kv);
+    if (n_cells <= 0) {
+        return n_cells;
     }
-    const int32_t n_cells = (int32_t) kv->get_cells(0).used_max_p1();
-    if (n_cells > n_max) {
-        return triattention_fail("n_max is smaller than the number of cells");
-    }
-    if (n_cells == 0) {
-        return 0;
-    }
-    llama_synchronize(ctx);
     ggml_tensor * ks = kv->get_k_storage(il);
     ggml_tensor * vs = kv->get_v_storage(il);
     ggml_context_ptr g = triattention_graph_context(16);

@@ -1,6 +1,7 @@
 // CPU implementation of GGML_OP_TRIATTN_SCORE: threads split the cells; each cached key
 // row is converted to f32 once and scored against every query head of its GQA group.
 #include "triattn-score-cpu.h"
+#include "triattn-pairs.h"
 
 #include "ggml.h"
 
@@ -37,7 +38,6 @@ void ggml_compute_forward_triattn_score(const ggml_compute_params * params, ggml
 
     const int     head_dim  = (int) k->ne[0];
     const int     n_pairs   = head_dim / 2;
-    const int     half_rot  = n_rot / 2;
     const int64_t n_head_kv = k->ne[1];
     const int64_t n_kv      = k->ne[2];
     const int64_t n_head    = q->ne[1];
@@ -66,13 +66,7 @@ void ggml_compute_forward_triattn_score(const ggml_compute_params * params, ggml
             }
             for (int f = 0; f < n_pairs; ++f) {
                 int re, im;
-                if (f < half_rot) {
-                    re = neox ? f : 2 * f;
-                    im = neox ? f + half_rot : 2 * f + 1;
-                } else {
-                    re = n_rot + 2 * (f - half_rot);
-                    im = re + 1;
-                }
+                triattn_pair_dims(f, neox, n_rot, &re, &im);
                 norms[f] = std::sqrt(key[re] * key[re] + key[im] * key[im]);
             }
             for (int64_t h = hk * n_gqa; h < (hk + 1) * n_gqa; ++h) {

@@ -1,6 +1,7 @@
 // CUDA implementation of GGML_OP_TRIATTN_SCORE: the cached keys are converted to f32 with
 // ggml's own dequantizers, then one block scores one cell for every query head.
 #include "triattn-score.cuh"
+#include "triattn-pairs.h"
 
 #include "ggml-cuda/convert.cuh"
 
@@ -20,7 +21,6 @@ static __global__ void triattn_score_kernel(
     const int c        = blockIdx.x;
     const int row_len  = n_head_kv * head_dim;
     const int n_pairs  = head_dim / 2;
-    const int half_rot = n_rot / 2;
     float * key   = smem;            // [n_head_kv][head_dim]
     float * norms = smem + row_len;  // [n_head_kv][n_pairs]
 
@@ -54,13 +54,7 @@ static __global__ void triattn_score_kernel(
         const int hk = b / n_pairs;
         const int f  = b % n_pairs;
         int re, im;
-        if (f < half_rot) {
-            re = neox ? f : 2 * f;
-            im = neox ? f + half_rot : 2 * f + 1;
-        } else {
-            re = n_rot + 2 * (f - half_rot);
-            im = re + 1;
-        }
+        triattn_pair_dims(f, neox, n_rot, &re, &im);
         const float * x = key + hk * head_dim;
         norms[b] = sqrtf(x[re] * x[re] + x[im] * x[im]);
     }
