@@ -129,3 +129,92 @@ def test_long_generation_stays_within_the_physical_cache(smollm2_path, smollm2_c
     # coherent text: repetition no worse than a small margin below the full cache's
     assert _distinct_ngram_ratio(tri) >= 0.8 * _distinct_ngram_ratio(full), (
         _distinct_ngram_ratio(tri), _distinct_ngram_ratio(full))
+
+
+class NodeCapture:
+    """Copies graph nodes by name (f32) through llama.cpp's eval callback."""
+
+    def __init__(self, names):
+        import ctypes
+
+        from triattention_gguf._lib import lib_dir
+
+        self.names, self.data = set(names), {}
+        ggml = ctypes.CDLL(str(lib_dir() / "libggml-base.so"))
+        ggml.ggml_get_name.restype = ctypes.c_char_p
+        ggml.ggml_get_name.argtypes = [ctypes.c_void_p]
+        ggml.ggml_op_desc.restype = ctypes.c_char_p
+        ggml.ggml_op_desc.argtypes = [ctypes.c_void_p]
+        ggml.ggml_nbytes.restype = ctypes.c_size_t
+        ggml.ggml_nbytes.argtypes = [ctypes.c_void_p]
+        ggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+
+        def callback(t, ask, _):
+            name = ggml.ggml_get_name(t).decode()
+            # the query as attention reads it: the output of the query RoPE
+            key = f"{name}:{ggml.ggml_op_desc(t).decode()}"
+            if key not in self.names:
+                return False
+            if not ask:
+                out = np.zeros(ggml.ggml_nbytes(t) // 4, dtype=np.float32)
+                ggml.ggml_backend_tensor_get(t, out.ctypes.data, 0, out.nbytes)
+                self.data[key] = out
+            return True
+
+        self.callback = ll.ggml_backend_sched_eval_callback(callback)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["v-transposed", "v-rows"])
+def test_next_token_attends_exactly_to_the_kept_keys(flash_attn, smollm2_path, smollm2_centres):
+    layers = (0, 13, 29)
+    capture = NodeCapture([f"Qcur-{il}:ROPE" for il in layers] + [f"kqv_out-{il}:CONT" for il in layers]
+                          + [f"kqv_out-{il}:RESHAPE" for il in layers])
+    with loaded_model(smollm2_path) as model:
+        facts = facts_of(smollm2_path, open_gguf(smollm2_path), model)
+        hd, h, hkv = facts.head_dim, facts.n_head, facts.n_head_kv
+        with open_ctx(model, flash_attn, cb_eval=capture.callback) as ctx:
+            configure(ctx, "tri", BUDGET, DIVIDE, centers=smollm2_centres)
+            tokens = tokenize(model, default_text()[:4000])
+            decode(ctx, tokens[:N_PROMPT])
+            compress(ctx)
+            kept = last_kept(ctx, hkv, BUDGET)
+            assert any(not np.array_equal(kept[0], kept[k]) for k in range(1, hkv))  # truly per head
+            capture.data.clear()
+            decode(ctx, [tokens[N_PROMPT]])  # lands in cell BUDGET, at position N_PROMPT
+            assert ll.llama_memory_seq_pos_max(ll.llama_get_memory(ctx), 0) == N_PROMPT
+            for il in layers:
+                k, v = (a.astype(np.float64) for a in cache_rows(ctx, il, hkv * hd, hkv * hd))
+                assert k.shape[0] == BUDGET + 1
+                q = capture.data[f"Qcur-{il}:ROPE"].reshape(h, hd).astype(np.float64)
+                out = next(capture.data[key] for key in (f"kqv_out-{il}:CONT", f"kqv_out-{il}:RESHAPE")
+                           if key in capture.data).reshape(h, hd)
+                for head in range(h):
+                    cols = slice((head // (h // hkv)) * hd, (head // (h // hkv) + 1) * hd)
+                    logits = k[:, cols] @ q[head] / np.sqrt(hd)  # every cell: the kept keys and the new one
+                    p = np.exp(logits - logits.max())
+                    expected = (p / p.sum()) @ v[:, cols]
+                    # CPU flash attention rounds Q to f16: about 0.5% of the output's scale
+                    tol = (1e-2 if flash_attn else 2e-3) * np.abs(expected).max() + 1e-4
+                    np.testing.assert_allclose(out[head], expected, rtol=0, atol=tol, err_msg=f"layer {il} head {head}")
+
+
+def test_prompt_many_times_the_cache_is_read_in_chunks(smollm2_path):
+    with loaded_model(smollm2_path) as model:
+        prompt = tokenize(model, default_text()[:20000])[:1300]
+        with open_ctx(model, False, n_ctx=BUDGET + DIVIDE + UBATCH) as ctx:
+            configure(ctx, "knorm", BUDGET, DIVIDE)
+            assert len(prompt) > 5 * ll.llama_n_ctx(ctx)  # llama.cpp pads n_ctx to 256 cells
+            decode(ctx, prompt)  # any chunk that did not fit would fail to decode
+            assert ll.llama_memory_seq_pos_max(ll.llama_get_memory(ctx), 0) == len(prompt) - 1
+            assert stats(ctx)["compressions"] >= (len(prompt) - BUDGET) // (DIVIDE + UBATCH)
+
+
+def test_a_batch_larger_than_a_ubatch_is_refused_once_compressing(smollm2_path):
+    with loaded_model(smollm2_path) as model:
+        prompt = tokenize(model, default_text()[:4000])
+        with open_ctx(model, False, n_batch=256) as ctx:
+            configure(ctx, "streaming", BUDGET, DIVIDE)
+            decode(ctx, prompt[:N_PROMPT])
+            arr = (ll.llama_token * 64)(*prompt[N_PROMPT:N_PROMPT + 64])
+            assert ll.llama_decode(ctx, ll.llama_batch_get_one(arr, 64)) == -1
+            assert ll.llama_memory_seq_pos_max(ll.llama_get_memory(ctx), 0) == N_PROMPT - 1  # nothing lost
