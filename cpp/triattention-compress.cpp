@@ -6,6 +6,7 @@
 #include "triattention-impl.h"
 #include "triattn-pairs.h"
 
+#include "llama-arch.h"
 #include "llama-model.h"
 
 #include "ggml-backend.h"
@@ -463,8 +464,9 @@ int32_t triattention_set_params(llama_context * ctx, triattention_params params)
     if (params.method != TRIATTENTION_METHOD_NONE) {
         const llama_kv_cache * kv = triattention_kv_cache(ctx);
         if (kv == nullptr || ctx->get_model().hparams.is_swa_any()) {
-            return triattention_fail("this model's memory is not a single full-attention KV cache "
-                                     "(sliding-window, recurrent or hybrid); it cannot be compressed");
+            return triattention_fail(std::string("architecture '") + llm_arch_name(ctx->get_model().arch) +
+                                     "' keeps its memory in a sliding-window, recurrent or hybrid cache, "
+                                     "not one full-attention KV cache; it cannot be compressed");
         }
         if (ctx->get_cparams().n_seq_max != 1) {
             return triattention_fail("compression needs a context with a single sequence (n_seq_max = 1)");

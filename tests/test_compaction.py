@@ -218,3 +218,9 @@ def test_a_batch_larger_than_a_ubatch_is_refused_once_compressing(smollm2_path):
             arr = (ll.llama_token * 64)(*prompt[N_PROMPT:N_PROMPT + 64])
             assert ll.llama_decode(ctx, ll.llama_batch_get_one(arr, 64)) == -1
             assert ll.llama_memory_seq_pos_max(ll.llama_get_memory(ctx), 0) == N_PROMPT - 1  # nothing lost
+
+
+def test_sliding_window_model_is_refused_by_name(gemma3_path):
+    with loaded_model(gemma3_path) as model, model_context(model, n_ctx=512, n_threads=2) as ctx:
+        with pytest.raises(CompressionError, match="architecture 'gemma3'.*sliding-window.*cannot be compressed"):
+            configure(ctx, "knorm", 128, 32)
