@@ -4,6 +4,8 @@
 #include "triattn-pairs.h"
 
 #include "ggml.h"
+#include "ggml-cpu.h"
+#include "vec.h"
 
 #include <cmath>
 #include <vector>
@@ -56,10 +58,10 @@ void ggml_compute_forward_triattn_score(const ggml_compute_params * params, ggml
     for (int64_t c = c0; c < c1; ++c) {
         for (int64_t hk = 0; hk < n_head_kv; ++hk) {
             const char * row = (const char *) k->data + c * k->nb[2] + hk * k->nb[1];
-            if (k->type == GGML_TYPE_F32) {
-                std::copy((const float *) row, (const float *) row + head_dim, key.begin());
-            } else {
-                to_float(row, key.data(), head_dim);
+            switch (k->type) {
+                case GGML_TYPE_F32: std::copy((const float *) row, (const float *) row + head_dim, key.begin()); break;
+                case GGML_TYPE_F16: ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) row, key.data(), head_dim); break;
+                default:            to_float(row, key.data(), head_dim); break;
             }
             if (hadamard) {
                 fwht(key.data(), head_dim);
@@ -72,14 +74,10 @@ void ggml_compute_forward_triattn_score(const ggml_compute_params * params, ggml
             for (int64_t h = hk * n_gqa; h < (hk + 1) * n_gqa; ++h) {
                 const float * qh = (const float *) ((const char *) q->data + h * q->nb[1]);
                 const float * wh = (const float *) ((const char *) w->data + h * w->nb[1]);
-                float s = 0.0f;
-                for (int i = 0; i < head_dim; ++i) {
-                    s += key[i] * qh[i];
-                }
-                for (int f = 0; f < n_pairs; ++f) {
-                    s += wh[f] * norms[f];
-                }
-                out[h * n_kv + c] = s;
+                float trig, norm;
+                ggml_vec_dot_f32(head_dim, &trig, 0, key.data(), 0, qh, 0, 1);
+                ggml_vec_dot_f32(n_pairs, &norm, 0, norms.data(), 0, wh, 0, 1);
+                out[h * n_kv + c] = trig + norm;
             }
         }
     }
