@@ -34,8 +34,18 @@ struct state {
 
     triattention_runner runner;
     triattention_params params = triattention_default_params();
+
+    // llama.cpp removed the compacted cells (a cleared cache, or a sequence truncated below the
+    // last compression): what compaction recorded about them no longer applies.
+    void forget_if_truncated(const llama_kv_cells & cells) {
+        if (stats.compressed_upto >= 0 && cells.seq_pos_max(0) < stats.compressed_upto) {
+            head_pos.clear();
+            cell_pos.clear();
+            stats.compressed_upto = -1;
+        }
+    }
     std::vector<float>  q_re, q_im, q_abs;  // centres [n_layer][n_head][n_pairs]
-    triattention_stats  stats{};
+    triattention_stats  stats{0, 0, 0.0, -1};
     std::vector<int32_t> last_kept;         // [n_head_kv][budget]
     std::mt19937 rng{0};
 
@@ -332,6 +342,7 @@ int32_t compress_now(llama_context * ctx, state & st) {
     }
     const auto start = std::chrono::steady_clock::now();
     llama_synchronize(ctx);
+    st.forget_if_truncated(cells);
 
     const candidates c = gather_candidates(st, cells, n_head_kv);
     std::vector<float> scores;
@@ -390,6 +401,7 @@ int32_t compress_now(llama_context * ctx, state & st) {
     st.head_pos = std::move(head_pos);
     st.cell_pos = std::move(cell_pos);
     st.last_kept = std::move(kept);
+    st.stats.compressed_upto = c.newest;
     st.stats.compressions++;
     st.stats.cells_evicted += used_before - budget;
     st.stats.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -514,7 +526,7 @@ int32_t triattention_compress(llama_context * ctx) {
 
 triattention_stats triattention_get_stats(const llama_context * ctx) {
     const state * st = find_state(ctx);
-    return st ? st->stats : triattention_stats{};
+    return st ? st->stats : triattention_stats{0, 0, 0.0, -1};
 }
 
 int32_t triattention_last_kept(const llama_context * ctx, int32_t * cells, int32_t n_max) {
@@ -532,6 +544,7 @@ int32_t triattention_on_decode(llama_context * ctx, const llama_batch & batch) {
         return 0;
     }
     const llama_kv_cache * kv = triattention_kv_cache(ctx);
+    st->forget_if_truncated(kv->get_cells(0));
     const int32_t limit = st->params.budget + st->params.divide_length;
     if ((int32_t) kv->get_cells(0).get_used() + batch.n_tokens <= limit) {
         return 0;

@@ -4,6 +4,18 @@
 
 #include "llama-model.h"
 
+triattention_cache_info triattention_get_cache_info(const llama_context * ctx) {
+    triattention_cache_info info{0, 0, 0};
+    if (const llama_kv_cache * kv = triattention_kv_cache(ctx)) {
+        info.cells_used     = (int32_t) kv->get_cells(0).get_used();
+        info.cells_capacity = (int32_t) kv->get_size();
+        for (uint32_t il = 0; il < ctx->get_model().hparams.n_layer(); ++il) {
+            info.bytes += ggml_nbytes(kv->get_k_storage((int32_t) il)) + ggml_nbytes(kv->get_v_storage((int32_t) il));
+        }
+    }
+    return info;
+}
+
 bool triattention_cache_k_rotated(const llama_context * ctx) {
     const llama_kv_cache * kv = triattention_kv_cache(ctx);
     return kv != nullptr && kv->get_attn_rot_k();

@@ -104,12 +104,22 @@ struct triattention_params {
 };
 
 struct triattention_stats {
-    int64_t compressions;
-    int64_t cells_evicted;
-    double  seconds;         // wall time spent compressing
+    int64_t   compressions;
+    int64_t   cells_evicted;
+    double    seconds;         // wall time spent compressing
+    llama_pos compressed_upto; // newest position at the last compression, -1 when none: a prefix of
+                               // the history shorter than this is no longer held exactly
+};
+
+struct triattention_cache_info {
+    int32_t cells_used;      // of sequence 0's stream
+    int32_t cells_capacity;  // physical cells
+    int64_t bytes;           // K and V of every layer, allocated
 };
 
 LLAMA_API struct triattention_params triattention_default_params(void);
+
+LLAMA_API struct triattention_cache_info triattention_get_cache_info(const struct llama_context * ctx);
 
 // Validates and sets the parameters (method NONE turns compression off). The context must
 // hold a single sequence; budget + divide_length + n_ubatch must fit in its cells.

@@ -81,7 +81,12 @@ class Params(ctypes.Structure):
 
 
 class Stats(ctypes.Structure):
-    _fields_ = [("compressions", ctypes.c_int64), ("cells_evicted", ctypes.c_int64), ("seconds", ctypes.c_double)]
+    _fields_ = [("compressions", ctypes.c_int64), ("cells_evicted", ctypes.c_int64), ("seconds", ctypes.c_double),
+                ("compressed_upto", ctypes.c_int32)]
+
+
+class CacheInfo(ctypes.Structure):
+    _fields_ = [("cells_used", ctypes.c_int32), ("cells_capacity", ctypes.c_int32), ("bytes", ctypes.c_int64)]
 
 
 METHODS = {"none": 0, "tri": 1, "streaming": 2, "knorm": 3, "random": 4}
@@ -90,6 +95,7 @@ _bind("triattention_default_params", Params)
 _bind("triattention_set_params", ctypes.c_int32, _vp, Params)
 _bind("triattention_set_centers", ctypes.c_int32, _vp, _f32p, _f32p, _f32p, ctypes.c_int64)
 _bind("triattention_compress", ctypes.c_int32, _vp)
+_bind("triattention_get_cache_info", CacheInfo, _vp)
 _bind("triattention_get_stats", Stats, _vp)
 _bind("triattention_last_kept", ctypes.c_int32, _vp, _i32p, ctypes.c_int32)
 _bind("triattention_last_error", ctypes.c_char_p)

@@ -17,21 +17,51 @@ def _quiet_llama(verbose: bool) -> None:
     llama_cpp._logger.set_verbose(verbose)
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from triattention_gguf import Llama
+def _demo_model() -> Path:
+    """The SmolLM2 test model with centres, made once beside the cached download."""
+    from triattention_gguf.calibrate import compute_centers
+    from triattention_gguf.centers import rewrite_model
     from triattention_gguf.testmodels import model_path
 
-    path = args.model or model_path()
-    llm = Llama(model_path=str(path), n_ctx=args.n_ctx, n_threads=args.threads, seed=0, verbose=False)
-    messages = [{"role": "user", "content": "Explain in a few paragraphs how a CPU cache works."}]
-    start = time.perf_counter()
-    out = llm.create_chat_completion(messages, max_tokens=args.max_tokens, temperature=0.0)
-    seconds = time.perf_counter() - start
-    usage = out["usage"]
-    print(out["choices"][0]["message"]["content"])
-    print(f"\nmodel: {path}")
-    print(f"{usage['completion_tokens']} tokens in {seconds:.2f} s "
-          f"({usage['completion_tokens'] / seconds:.1f} tokens/s), prompt {usage['prompt_tokens']} tokens")
+    source = model_path()
+    centred = source.with_name(source.stem + ".triattention.gguf")
+    if not centred.exists():
+        print(f"embedding TriAttention centres into {centred} (once) ...", flush=True)
+        rewrite_model(source, compute_centers(source, max_tokens=8192), centred)
+    return centred
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from triattention_gguf import Llama
+
+    _quiet_llama(False)
+    path = Path(args.model) if args.model else _demo_model()
+    prompt = ("<|im_start|>user\nExplain in detail, with examples, how a CPU cache works: lines, associativity, "
+              "replacement policies, write policies and coherence.<|im_end|>\n<|im_start|>assistant\n")
+    runs = {}
+    for method in ("none", "tri"):
+        llm = Llama(model_path=str(path), n_ctx=args.n_ctx, n_threads=args.threads, seed=0, verbose=False,
+                    kv_compress=method, kv_budget=args.kv_budget, kv_divide_length=64, n_ubatch=128)
+        tokens, start = [], time.perf_counter()
+        for token in llm.generate(llm.tokenize(prompt.encode(), special=True), temp=0.0):
+            tokens.append(token)
+            if len(tokens) == args.max_tokens:
+                break
+        seconds = time.perf_counter() - start
+        runs[method] = (tokens, seconds, llm.kv_stats(), llm.detokenize(tokens).decode(errors="replace"))
+    print(f"model: {path}\n\n--- kv_compress='tri', kv_budget={args.kv_budget}: the end of the text ---")
+    print("..." + runs["tri"][3][-600:])
+    print(f"\n{'':6} {'tokens/s':>9} {'KV cells':>9} {'KV MiB':>8} {'compressions':>13}")
+    for method, (tokens, seconds, kv, _) in runs.items():
+        print(f"{method:6} {len(tokens) / seconds:9.1f} {kv['cells_capacity']:9d} {kv['kv_bytes'] / 2**20:8.1f} "
+              f"{kv['compressions']:13d}")
+    full, tri = runs["none"][2], runs["tri"][2]
+    same = next((i for i, (a, b) in enumerate(zip(runs["none"][0], runs["tri"][0])) if a != b), None)
+    print(f"\nKV memory: {full['kv_bytes'] / tri['kv_bytes']:.1f}x less allocated than the full cache of "
+          f"n_ctx={args.n_ctx}, {tri['kv_bytes_full'] / tri['kv_bytes']:.1f}x less than a full cache of "
+          f"this conversation's {tri['logical_pos']} tokens")
+    print("greedy output identical to the full cache" if same is None else
+          f"first token that differs from the full cache: #{same} of {args.max_tokens}")
     return 0
 
 
@@ -104,10 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triattention-gguf", description="TriAttention KV-cache compression for GGUF models")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="generate with the bundled default model")
-    demo.add_argument("--model", help="GGUF file (default: the SmolLM2-135M test model, fetched if needed)")
-    demo.add_argument("--max-tokens", type=_positive, default=256)
-    demo.add_argument("--n-ctx", type=_positive, default=4096)
+    demo = sub.add_parser("demo", help="a long generation with and without compression, side by side")
+    demo.add_argument("--model", help="GGUF file with centres (default: the SmolLM2-135M test model, fetched "
+                                      "and calibrated if needed)")
+    demo.add_argument("--max-tokens", type=_positive, default=1024)
+    demo.add_argument("--n-ctx", type=_positive, default=8192)
+    demo.add_argument("--kv-budget", type=_positive, default=256)
     demo.add_argument("--threads", type=_positive, default=None)
     demo.set_defaults(func=_demo)
 

@@ -44,7 +44,8 @@ def compress(ctx) -> None:
 
 def stats(ctx) -> dict:
     s = lib.triattention_get_stats(ctx)
-    return {"compressions": s.compressions, "cells_evicted": s.cells_evicted, "compress_seconds": s.seconds}
+    return {"compressions": s.compressions, "cells_evicted": s.cells_evicted, "compress_seconds": s.seconds,
+            "compressed_upto": s.compressed_upto}
 
 
 def last_kept(ctx, n_head_kv: int, budget: int) -> np.ndarray:

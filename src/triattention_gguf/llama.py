@@ -1,0 +1,100 @@
+"""`triattention_gguf.Llama`: llama_cpp.Llama with a compressed KV cache."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import llama_cpp
+import numpy as np
+
+from triattention_gguf._lib import METHODS, SELECT_MODES, lib, llama_cpp_bindings as ll
+from triattention_gguf.centers import load_centers
+from triattention_gguf.compression import CompressionError, configure, stats
+from triattention_gguf.modelinfo import read_facts
+
+
+class Llama(llama_cpp.Llama):
+    """llama_cpp.Llama whose KV cache is kept within a budget by TriAttention or a baseline.
+
+    Every argument of llama_cpp.Llama keeps its meaning (n_ctx is still the longest
+    conversation, in tokens), plus:
+
+    kv_compress: "tri" (needs centres in the file: `triattention-gguf embed-centers`),
+        "none", or the baselines "streaming", "knorm", "random".
+    kv_budget: cells each KV head keeps after a compression (default 2048).
+    kv_divide_length: compress when budget + divide_length cells are reached (default 128).
+    kv_select: "per-head" (default: a kept set per KV head) or "shared".
+    kv_seed: seed of the "random" baseline.
+
+    With compression the physical cache holds kv_budget + kv_divide_length + n_ubatch cells,
+    however long n_ctx is; prompts are read in chunks of n_ubatch tokens.
+    """
+
+    def __init__(self, model_path: str, *args, kv_compress: str = "none", kv_budget: int = 2048,
+                 kv_divide_length: int = 128, kv_select: str = "per-head", kv_seed: int = 0, **kwargs):
+        if kv_compress not in METHODS:
+            raise CompressionError(f"unknown kv_compress {kv_compress!r}; choose one of {', '.join(METHODS)}")
+        if kv_select not in SELECT_MODES:
+            raise CompressionError(f"unknown kv_select {kv_select!r}; choose one of {', '.join(SELECT_MODES)}")
+        if kv_budget < 5 or kv_divide_length < 1:
+            raise CompressionError(f"kv_budget must be at least 5 and kv_divide_length at least 1 "
+                                   f"(got {kv_budget} and {kv_divide_length})")
+        self.kv_compress = kv_compress
+        centres = None
+        logical_n_ctx = kwargs.get("n_ctx", 512)
+        if kv_compress != "none":
+            # every check that can fail runs before the model and the cache are allocated
+            facts = read_facts(model_path)
+            centres = load_centers(facts) if kv_compress == "tri" else None
+            logical_n_ctx = logical_n_ctx or facts.n_ctx_train
+            n_ubatch = kwargs.get("n_ubatch", 512)
+            kwargs["n_ctx"] = kv_budget + kv_divide_length + n_ubatch
+            kwargs["n_batch"] = min(kwargs.get("n_batch", 512), n_ubatch)
+        self._logical_n_ctx = logical_n_ctx
+        super().__init__(model_path, *args, **kwargs)
+        if kv_compress != "none":
+            self._n_ctx = logical_n_ctx
+            self.input_ids = np.ndarray((logical_n_ctx,), dtype=np.intc)
+            if self._logits_all:
+                self.scores = np.ndarray((logical_n_ctx, self._n_vocab), dtype=np.single)
+            configure(self._ctx.ctx, kv_compress, kv_budget, kv_divide_length, kv_select, kv_seed, centres)
+
+    def __del__(self):
+        # argument errors are raised before llama_cpp.Llama.__init__ has built anything to free
+        if hasattr(self, "_stack"):
+            super().__del__()
+
+    def n_ctx(self) -> int:
+        """The longest conversation in tokens (the physical cache may be smaller)."""
+        return self._logical_n_ctx if self.kv_compress != "none" else super().n_ctx()
+
+    def generate(self, tokens: Sequence[int], *args, reset: bool = True, **kwargs):
+        # After a compression the cache holds only the history it was given in full; a prompt
+        # that keeps a shorter prefix of it cannot reuse those cells and is read again.
+        if reset and self.kv_compress != "none" and self.n_tokens > 0:
+            tokens = list(tokens)
+            prefix = 0
+            for a, b in zip(self._input_ids, tokens):
+                if a != b:
+                    break
+                prefix += 1
+            if stats(self._ctx.ctx)["compressed_upto"] >= min(prefix, len(tokens) - 1):
+                self.n_tokens = 0
+                ll.llama_memory_clear(ll.llama_get_memory(self._ctx.ctx), True)
+        return super().generate(tokens, *args, reset=reset, **kwargs)
+
+    def kv_stats(self) -> dict:
+        """Cache use: cells_used / cells_capacity (physical), logical_pos (tokens in the
+        conversation), kv_bytes (allocated), kv_bytes_full (what a full cache would need at
+        this logical length), compressions, compress_seconds."""
+        info = lib.triattention_get_cache_info(self._ctx.ctx)
+        logical = ll.llama_memory_seq_pos_max(ll.llama_get_memory(self._ctx.ctx), 0) + 1
+        s = stats(self._ctx.ctx)
+        return {
+            "cells_used": info.cells_used,
+            "cells_capacity": info.cells_capacity,
+            "logical_pos": logical,
+            "kv_bytes": info.bytes,
+            "kv_bytes_full": info.bytes * logical // max(1, info.cells_capacity),
+            "compressions": s["compressions"],
+            "compress_seconds": s["compress_seconds"],
+        }

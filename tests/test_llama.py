@@ -1,0 +1,97 @@
+"""triattention_gguf.Llama: the llama-cpp-python drop-in with a compressed cache."""
+import llama_cpp
+import pytest
+
+from triattention_gguf import Llama
+from triattention_gguf.calibrate import compute_centers
+from triattention_gguf.centers import CentersError, rewrite_model
+from triattention_gguf.compression import CompressionError
+
+PROMPT = "<|im_start|>user\nTell me about the history of lighthouses.<|im_end|>\n<|im_start|>assistant\n"
+SMALL = dict(n_ctx=2048, n_threads=2, verbose=False, n_ubatch=64)
+
+
+@pytest.fixture(scope="module")
+def centred(smollm2_path, tmp_path_factory):
+    path = tmp_path_factory.mktemp("centred") / "smollm2.gguf"
+    rewrite_model(smollm2_path, compute_centers(smollm2_path, max_tokens=512, n_threads=2, progress=False), path)
+    return str(path)
+
+
+def greedy(llm, prompt=PROMPT, n=48):
+    return llm(prompt, max_tokens=n, temperature=0.0)["choices"][0]["text"]
+
+
+def test_none_is_stock_behaviour(centred):
+    assert greedy(Llama(centred, **SMALL)) == greedy(llama_cpp.Llama(centred, **SMALL))
+
+
+@pytest.mark.parametrize("method", ["tri", "streaming", "knorm", "random"])
+def test_budget_above_the_text_changes_nothing(method, centred):
+    llm = Llama(centred, kv_compress=method, kv_budget=1024, kv_divide_length=64, **SMALL)
+    assert greedy(llm) == greedy(Llama(centred, **SMALL))
+    assert llm.kv_stats()["compressions"] == 0
+
+
+def test_compressed_generation_is_bounded_and_reports_its_memory(centred):
+    llm = Llama(centred, kv_compress="tri", kv_budget=64, kv_divide_length=32, **SMALL)
+    text = greedy(llm, n=300)
+    kv = llm.kv_stats()
+    assert len(text) > 200 and kv["compressions"] >= 5
+    assert kv["cells_used"] <= 64 + 32 + 64 and kv["cells_capacity"] == 256  # llama.cpp pads to 256 cells
+    assert kv["logical_pos"] > kv["cells_capacity"]
+    assert kv["kv_bytes_full"] > kv["kv_bytes"]
+    assert llm.n_ctx() == 2048  # n_ctx keeps its meaning: the longest conversation
+
+
+def _count_evals(llm):
+    counted = []
+    original = llm.eval
+
+    def counting(tokens):
+        counted.append(len(tokens))
+        return original(tokens)
+
+    llm.eval = counting
+    return counted
+
+
+def test_reuse_after_compression_only_when_the_history_is_extended(centred):
+    llm = Llama(centred, kv_compress="tri", kv_budget=64, kv_divide_length=32, **SMALL)
+    first = llm.tokenize(PROMPT.encode(), special=True)
+    out = list(_take(llm.generate(first, temp=0.0), 150))
+    assert llm.kv_stats()["compressions"] > 0
+    history = first + out[:-1]  # what the cache holds: the last sampled token is not decoded yet
+    counted = _count_evals(llm)
+    extended = history + llm.tokenize(b" And then?")
+    cont = list(_take(llm.generate(extended, temp=0.0), 8))
+    assert counted[0] == len(extended) - len(history)  # only the new part is read (then one per new token)
+
+    counted.clear()
+    diverging = first[:-3] + llm.tokenize(b" Briefly.")
+    again = list(_take(llm.generate(diverging, temp=0.0), 8))
+    assert counted[0] == len(diverging)  # a shorter prefix is not held exactly: read it all again
+    fresh = Llama(centred, kv_compress="tri", kv_budget=64, kv_divide_length=32, **SMALL)
+    assert again == list(_take(fresh.generate(diverging, temp=0.0), 8))
+    assert cont  # the extended turn produced tokens
+
+
+def _take(gen, n):
+    for i, token in enumerate(gen):
+        if i == n:
+            return
+        yield token
+
+
+def test_tri_without_centres_names_the_command(smollm2_path):
+    with pytest.raises(CentersError, match="triattention-gguf embed-centers"):
+        Llama(smollm2_path, kv_compress="tri", **SMALL)
+
+
+def test_bad_arguments(centred):
+    with pytest.raises(CompressionError, match="unknown kv_compress 'snap'"):
+        Llama(centred, kv_compress="snap", **SMALL)
+    with pytest.raises(CompressionError, match="unknown kv_select"):
+        Llama(centred, kv_compress="tri", kv_select="sometimes", **SMALL)
+    with pytest.raises(CompressionError, match="kv_budget must be at least 5"):
+        Llama(centred, kv_compress="tri", kv_budget=1, **SMALL)
