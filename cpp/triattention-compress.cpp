@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <cmath>
 #include <complex>
 #include <memory>
@@ -536,6 +537,54 @@ int32_t triattention_last_kept(const llama_context * ctx, int32_t * cells, int32
     }
     std::copy(st->last_kept.begin(), st->last_kept.end(), cells);
     return (int32_t) st->last_kept.size();
+}
+
+// records: int32 n_head_kv, n_cells, compressed_upto; cell_pos[n_cells]; head_pos[n_head_kv][n_cells]
+static std::vector<int32_t> records_of(const state * st) {
+    std::vector<int32_t> out = { 0, 0, -1 };
+    if (st != nullptr && !st->cell_pos.empty()) {
+        out = { (int32_t) st->head_pos.size(), (int32_t) st->cell_pos.size(), st->stats.compressed_upto };
+        out.insert(out.end(), st->cell_pos.begin(), st->cell_pos.end());
+        for (const auto & row : st->head_pos) {
+            out.insert(out.end(), row.begin(), row.end());
+        }
+    }
+    return out;
+}
+
+size_t triattention_records_size(const llama_context * ctx) {
+    return records_of(find_state(ctx)).size() * sizeof(int32_t);
+}
+
+size_t triattention_records_get(const llama_context * ctx, uint8_t * dst, size_t size) {
+    const std::vector<int32_t> rec = records_of(find_state(ctx));
+    const size_t n = rec.size() * sizeof(int32_t);
+    if (n > size) {
+        return 0;
+    }
+    std::memcpy(dst, rec.data(), n);
+    return n;
+}
+
+int32_t triattention_records_set(llama_context * ctx, const uint8_t * src, size_t size) {
+    triattention_clear_error();
+    std::vector<int32_t> rec(size / sizeof(int32_t));
+    std::memcpy(rec.data(), src, rec.size() * sizeof(int32_t));
+    const size_t n_head_kv = rec.size() >= 3 ? (size_t) rec[0] : 0;
+    const size_t n_cells   = rec.size() >= 3 ? (size_t) rec[1] : 0;
+    if (rec.size() < 3 || size % sizeof(int32_t) != 0 || rec.size() != 3 + n_cells * (1 + n_head_kv) ||
+        (n_cells > 0 && n_head_kv != ctx->get_model().hparams.n_head_kv(0))) {
+        return triattention_fail("the compaction records do not match this model");
+    }
+    state & st = state_of(ctx);
+    st.stats.compressed_upto = rec[2];
+    st.cell_pos.assign(rec.begin() + 3, rec.begin() + 3 + n_cells);
+    st.head_pos.assign(n_head_kv, {});
+    for (size_t hk = 0; hk < n_head_kv; ++hk) {
+        const auto first = rec.begin() + 3 + n_cells * (1 + hk);
+        st.head_pos[hk].assign(first, first + n_cells);
+    }
+    return 0;
 }
 
 int32_t triattention_on_decode(llama_context * ctx, const llama_batch & batch) {

@@ -139,6 +139,12 @@ LLAMA_API struct triattention_stats triattention_get_stats(const struct llama_co
 // Returns the number written, or -1 when there was no compression.
 LLAMA_API int32_t triattention_last_kept(const struct llama_context * ctx, int32_t * cells, int32_t n_max);
 
+// What compaction recorded about the cells (each head's token positions), which a saved llama
+// state needs beside it to continue exactly: its size, a copy of it, and restoring it.
+LLAMA_API size_t  triattention_records_size(const struct llama_context * ctx);
+LLAMA_API size_t  triattention_records_get(const struct llama_context * ctx, uint8_t * dst, size_t size);
+LLAMA_API int32_t triattention_records_set(struct llama_context * ctx, const uint8_t * src, size_t size);
+
 // The last error of this thread's TriAttention call, "" when none.
 LLAMA_API const char * triattention_last_error(void);
 

@@ -33,8 +33,9 @@ def test_budget_above_the_text_changes_nothing(method, centred):
     assert llm.kv_stats()["compressions"] == 0
 
 
-def test_compressed_generation_is_bounded_and_reports_its_memory(centred):
-    llm = Llama(centred, kv_compress="tri", kv_budget=64, kv_divide_length=32, **SMALL)
+@pytest.mark.parametrize("method", ["tri", "streaming", "knorm", "random"])
+def test_compressed_generation_is_bounded_and_reports_its_memory(method, centred):
+    llm = Llama(centred, kv_compress=method, kv_budget=64, kv_divide_length=32, **SMALL)
     text = greedy(llm, n=300)
     kv = llm.kv_stats()
     assert len(text) > 200 and kv["compressions"] >= 5
@@ -95,3 +96,34 @@ def test_bad_arguments(centred):
         Llama(centred, kv_compress="tri", kv_select="sometimes", **SMALL)
     with pytest.raises(CompressionError, match="kv_budget must be at least 5"):
         Llama(centred, kv_compress="tri", kv_budget=1, **SMALL)
+
+
+def test_teacher_forced_eval_fills_every_logical_position(centred):
+    from triattention_gguf.calibrate import default_text
+
+    kw = dict(SMALL, logits_all=True)
+    llm = Llama(centred, kv_compress="tri", kv_budget=64, kv_divide_length=32, **kw)
+    tokens = llm.tokenize(default_text()[:8000].encode())[:600]
+    for start in range(0, len(tokens), 32):  # chunks no larger than divide_length: as in decoding
+        llm.eval(tokens[start:start + 32])
+    assert llm.n_tokens == len(tokens) and llm.kv_stats()["compressions"] > 0
+    full = llama_cpp.Llama(centred, **kw)
+    full.eval(tokens)
+    # identical until the first compression, then close but no longer equal
+    first = 64 + 32
+    assert (llm.scores[:first] == full.scores[:first]).all()
+    assert not (llm.scores[first:len(tokens)] == full.scores[first:len(tokens)]).all()
+    agree = (llm.scores[:len(tokens)].argmax(1) == full.scores[:len(tokens)].argmax(1)).mean()
+    assert agree > 0.6, agree
+
+
+def test_state_round_trip_continues_identically(centred):
+    llm = Llama(centred, kv_compress="tri", kv_budget=64, kv_divide_length=32, **SMALL)
+    greedy(llm, n=150)
+    assert llm.kv_stats()["compressions"] > 0
+    state = llm.save_state()
+    history = list(llm._input_ids)
+    a = list(_take(llm.generate(history, temp=0.0), 100))
+    llm.load_state(state)
+    b = list(_take(llm.generate(history, temp=0.0), 100))
+    assert a == b

@@ -1,6 +1,7 @@
 """`triattention_gguf.Llama`: llama_cpp.Llama with a compressed KV cache."""
 from __future__ import annotations
 
+import ctypes
 from typing import Sequence
 
 import llama_cpp
@@ -81,6 +82,21 @@ class Llama(llama_cpp.Llama):
                 self.n_tokens = 0
                 ll.llama_memory_clear(ll.llama_get_memory(self._ctx.ctx), True)
         return super().generate(tokens, *args, reset=reset, **kwargs)
+
+    def save_state(self) -> llama_cpp.LlamaState:
+        state = super().save_state()
+        # llama.cpp saves the cells; which token each head keeps in them is ours to save
+        size = lib.triattention_records_size(self._ctx.ctx)
+        buf = ctypes.create_string_buffer(size)
+        lib.triattention_records_get(self._ctx.ctx, buf, size)
+        state.triattention_records = buf.raw
+        return state
+
+    def load_state(self, state: llama_cpp.LlamaState) -> None:
+        super().load_state(state)
+        records = getattr(state, "triattention_records", None)
+        if records is not None and lib.triattention_records_set(self._ctx.ctx, records, len(records)) != 0:
+            raise CompressionError(f"load_state: {lib.triattention_last_error().decode()}")
 
     def kv_stats(self) -> dict:
         """Cache use: cells_used / cells_capacity (physical), logical_pos (tokens in the
