@@ -127,3 +127,21 @@ def test_state_round_trip_continues_identically(centred):
     llm.load_state(state)
     b = list(_take(llm.generate(history, temp=0.0), 100))
     assert a == b
+
+
+@pytest.fixture(scope="module")
+def qwen_centred(qwen_path, tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen") / "qwen.gguf"
+    rewrite_model(qwen_path, compute_centers(qwen_path, max_tokens=256, n_threads=2, progress=False), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["tri", "streaming", "knorm", "random"])
+def test_qwen_every_method_stays_within_its_cells(method, qwen_centred):
+    llm = Llama(qwen_centred, kv_compress=method, kv_budget=32, kv_divide_length=16, n_ctx=1024, n_threads=2,
+                verbose=False, n_ubatch=32)
+    out = llm("def fibonacci(n):", max_tokens=100, temperature=0.0)
+    kv = llm.kv_stats()
+    assert out["usage"]["completion_tokens"] == 100 or out["choices"][0]["finish_reason"] == "stop"
+    assert kv["compressions"] >= 1 and kv["cells_used"] <= 32 + 16 + 32
+    assert kv["logical_pos"] == out["usage"]["total_tokens"] - 1  # the last sampled token is not decoded
