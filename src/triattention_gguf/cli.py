@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=_positive, default=1024)
     demo.add_argument("--n-ctx", type=_positive, default=8192)
     demo.add_argument("--kv-budget", type=_positive, default=256)
-    demo.add_argument("--threads", type=_positive, default=None)
+    demo.add_argument("--threads", type=_positive, default=os.cpu_count())
     demo.set_defaults(func=_demo)
 
     embed = sub.add_parser("embed-centers", help="calibrate a model and store its query centres in the GGUF file")
