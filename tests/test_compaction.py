@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from triattention_gguf._lib import llama_cpp_bindings as ll
+from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.calibrate import compute_centers, default_text
 from triattention_gguf.compression import CompressionError, cache_rows, compress, configure, last_kept, stats
 from triattention_gguf.modelinfo import facts_of, loaded_model, model_context, open_gguf
@@ -84,10 +84,14 @@ def test_bad_parameters_are_refused(smollm2_path):
             configure(ctx, "streaming", 512, DIVIDE)
         with pytest.raises(CompressionError, match="needs the query centres"):
             configure(ctx, "tri", BUDGET, DIVIDE)
-        with pytest.raises(CompressionError, match="unknown kv_compress method 'snap'"):
+        with pytest.raises(CompressionError, match="unknown kv_compress 'snap'"):
             configure(ctx, "snap", BUDGET, DIVIDE)
-        with pytest.raises(CompressionError, match="budget >= 5"):
+        with pytest.raises(CompressionError, match="kv_budget must be at least 5"):
             configure(ctx, "knorm", 2, DIVIDE)
+        params = lib.triattention_default_params()  # the C API checks on its own
+        params.method, params.budget = 3, 2
+        assert lib.triattention_set_params(ctx, params) == -1
+        assert "budget >= 5" in lib.triattention_last_error().decode()
 
 
 def _distinct_ngram_ratio(tokens, n=4):

@@ -20,13 +20,21 @@ def _check(rc: int, what: str) -> None:
         raise CompressionError(f"{what}: {lib.triattention_last_error().decode()}")
 
 
+def check_arguments(method: str, budget: int, divide_length: int, select: str) -> None:
+    """Refuse bad compression arguments with a message that says what to pass instead."""
+    if method not in METHODS:
+        raise CompressionError(f"unknown kv_compress {method!r}; choose one of {', '.join(METHODS)}")
+    if select not in SELECT_MODES:
+        raise CompressionError(f"unknown kv_select {select!r}; choose one of {', '.join(SELECT_MODES)}")
+    if budget < 5 or divide_length < 1:
+        raise CompressionError(f"kv_budget must be at least 5 and kv_divide_length at least 1 "
+                               f"(got {budget} and {divide_length})")
+
+
 def configure(ctx, method: str, budget: int = 2048, divide_length: int = 128, select: str = "per-head",
               seed: int = 0, centers: Centers | None = None) -> None:
     """Compress ctx's cache with `method` to `budget` cells whenever budget + divide_length is reached."""
-    if method not in METHODS:
-        raise CompressionError(f"unknown kv_compress method {method!r}; choose one of {', '.join(METHODS)}")
-    if select not in SELECT_MODES:
-        raise CompressionError(f"unknown kv_select {select!r}; choose one of {', '.join(SELECT_MODES)}")
+    check_arguments(method, budget, divide_length, select)
     if centers is not None:
         arrays = [np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
                   for a in (centers.q_mean.real, centers.q_mean.imag, centers.q_abs_mean)]

@@ -7,9 +7,9 @@ from typing import Sequence
 import llama_cpp
 import numpy as np
 
-from triattention_gguf._lib import METHODS, SELECT_MODES, lib, llama_cpp_bindings as ll
+from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import load_centers
-from triattention_gguf.compression import CompressionError, configure, stats
+from triattention_gguf.compression import CompressionError, check_arguments, configure, stats
 from triattention_gguf.modelinfo import read_facts
 
 
@@ -32,13 +32,7 @@ class Llama(llama_cpp.Llama):
 
     def __init__(self, model_path: str, *args, kv_compress: str = "none", kv_budget: int = 2048,
                  kv_divide_length: int = 128, kv_select: str = "per-head", kv_seed: int = 0, **kwargs):
-        if kv_compress not in METHODS:
-            raise CompressionError(f"unknown kv_compress {kv_compress!r}; choose one of {', '.join(METHODS)}")
-        if kv_select not in SELECT_MODES:
-            raise CompressionError(f"unknown kv_select {kv_select!r}; choose one of {', '.join(SELECT_MODES)}")
-        if kv_budget < 5 or kv_divide_length < 1:
-            raise CompressionError(f"kv_budget must be at least 5 and kv_divide_length at least 1 "
-                                   f"(got {kv_budget} and {kv_divide_length})")
+        check_arguments(kv_compress, kv_budget, kv_divide_length, kv_select)
         self.kv_compress = kv_compress
         centres = None
         logical_n_ctx = kwargs.get("n_ctx", 512)
