@@ -78,3 +78,38 @@ def test_op_matches_numpy_reference(model, k_type, centres_of):
                 np.testing.assert_allclose(scores, ref, rtol=0, atol=2e-5 * scale,
                                            err_msg=f"layer {il}, scale {scale:.3g}")
                 assert np.std(scores) > 1e-3 * scale  # not a constant
+
+
+def test_engine_keeps_the_top_budget_of_algorithm_md(centres_of):
+    """The kept sets equal a numpy aggregation of the op's scores (algorithm.md §4): z-score per
+    (layer, head), max over each GQA group, mean over layers, newest kept, top-B per KV head."""
+    from triattention_gguf.compression import compress, configure, last_kept
+
+    path, centres = centres_of["qwen"]
+    budget = 64
+    with loaded_model(path) as mdl:
+        facts = facts_of(path, open_gguf(path), mdl)
+        with model_context(mdl, n_ctx=512, n_threads=2, n_ubatch=128) as ctx:
+            configure(ctx, "tri", budget, 64, centers=centres)
+            vocab = ll.llama_model_get_vocab(mdl)
+            text = default_text()[:6000].encode()
+            buf = (ll.llama_token * 4096)()
+            n = ll.llama_tokenize(vocab, text, len(text), buf, 4096, False, False)
+            tokens = list(buf[:min(n, 120)])
+            arr = (ll.llama_token * len(tokens))(*tokens)
+            assert ll.llama_decode(ctx, ll.llama_batch_get_one(arr, len(tokens))) == 0
+            omega = rope_omega(ctx, facts.n_layer, facts.head_dim)
+            q, w = virtual_queries(centres, omega, len(tokens) - 1)
+            gqa = facts.n_head // facts.n_head_kv
+            total = 0
+            for il in range(facts.n_layer):
+                s = score_cache_layer(ctx, il, q[il], w[il], facts.n_head_kv)[0].astype(np.float64)
+                z = (s - s.mean(1, keepdims=True)) / (s.std(1, keepdims=True) + 1e-6)
+                total = total + z.reshape(facts.n_head_kv, gqa, -1).max(axis=1)
+            total[:, -1] = np.inf  # the newest token
+            compress(ctx)
+            kept = last_kept(ctx, facts.n_head_kv, budget)
+    for hk in range(facts.n_head_kv):
+        expected = set(np.argsort(-total[hk], kind="stable")[:budget])
+        overlap = len(expected & set(kept[hk]))
+        assert overlap >= budget - 1, (hk, overlap)  # float32 vs float64 may swap one near-tie
