@@ -1,4 +1,6 @@
-"""TriAttention's key scores (algorithm.md §4) as inputs of the ggml scoring op.
+"""TriAttention's key scores (algorithm.md §4) computed from Python: the reference and
+diagnostic path beside the engine, which builds the same virtual queries in C++
+(cpp/triattention-compress.cpp) at every compression.
 
 The trigonometric term needs no inverse RoPE: for a cached (rotated) key k'
 at position p, S_trig = Re sum_f conj(k'_f) V_f with
@@ -8,8 +10,11 @@ each band's key magnitude by a_f - |qbar_f|.
 """
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
+from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import Centers
 
 # The reference's 17 geometric offsets of future query positions.
@@ -49,10 +54,6 @@ def score_cache_layer(ctx, il: int, q: np.ndarray, w: np.ndarray, n_head_kv: int
     """Run the scoring op on layer il of a live context's cache (sequence 0).
     Returns scores [n_head, n_cells], the keys as stored in f32 [n_cells, n_head_kv, head_dim]
     and the cells' positions [n_cells] (-1 where empty)."""
-    import ctypes
-
-    from triattention_gguf._lib import lib, llama_cpp_bindings as ll
-
     n_head, head_dim = q.shape
     n_max = min(n_max, ll.llama_n_ctx(ctx))
     q = np.ascontiguousarray(q, dtype=np.float32)
