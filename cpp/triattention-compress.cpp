@@ -191,15 +191,12 @@ bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const c
 
     ggml_tensor * acc = nullptr;
     for (int il = 0; il < n_layer; ++il) {
-        ggml_tensor * k = kv->get_k_storage(il);
-        ggml_tensor * kview = ggml_view_3d(g.get(), k, s0.head_dim, s0.n_head_kv, c.n_kv,
-                                           ggml_row_size(k->type, s0.head_dim), k->nb[1], 0);
+        ggml_tensor * kview = triattention_keys(g.get(), kv, hp, il, c.n_kv);
         ggml_tensor * layer;
         if (tri) {
             ggml_tensor * q = ggml_view_2d(g.get(), q_all, s0.head_dim, s0.n_head, q_all->nb[1], il * q_all->nb[2]);
             ggml_tensor * w = ggml_view_2d(g.get(), w_all, s0.head_dim / 2, s0.n_head, w_all->nb[1], il * w_all->nb[2]);
-            ggml_tensor * score = ggml_triattn_score(g.get(), kview, q, w, hp.rope_type == LLAMA_ROPE_TYPE_NEOX,
-                                                     (int) s0.n_rot, kv->get_attn_rot_k());
+            ggml_tensor * score = triattention_score_keys(g.get(), kv, hp, il, kview, q, w);
             layer = gqa_max(g.get(), znorm(g.get(), score, valid, (float) c.n_valid), s0.n_head_kv);
         } else {
             // knorm: minus the L2 norm of each key (rotation-invariant), [n_kv, n_head_kv]

@@ -39,5 +39,13 @@ struct triattention_runner {
 
 triattention_runner & triattention_runner_of(const llama_context * ctx);
 
+// Layer il's cached keys as [head_dim, n_head_kv, n_cells] (cells [0, n_cells) of the first stream).
+ggml_tensor * triattention_keys(ggml_context * g, const llama_kv_cache * kv, const llama_hparams & hp, int il,
+                                int64_t n_cells);
+
+// The scoring op over those keys, with the model's pair layout and the cache's K rotation.
+ggml_tensor * triattention_score_keys(ggml_context * g, const llama_kv_cache * kv, const llama_hparams & hp, int il,
+                                      ggml_tensor * keys, ggml_tensor * q, ggml_tensor * w);
+
 // A graph context for at most n_nodes nodes (tensors are not allocated).
 ggml_context_ptr triattention_graph_context(size_t n_nodes);

@@ -16,6 +16,19 @@ triattention_cache_info triattention_get_cache_info(const llama_context * ctx) {
     return info;
 }
 
+ggml_tensor * triattention_keys(ggml_context * g, const llama_kv_cache * kv, const llama_hparams & hp, int il,
+                                int64_t n_cells) {
+    ggml_tensor * k = kv->get_k_storage(il);
+    const int64_t head_dim = hp.n_embd_head_k(il);
+    return ggml_view_3d(g, k, head_dim, hp.n_head_kv(il), n_cells, ggml_row_size(k->type, head_dim), k->nb[1], 0);
+}
+
+ggml_tensor * triattention_score_keys(ggml_context * g, const llama_kv_cache * kv, const llama_hparams & hp, int il,
+                                      ggml_tensor * keys, ggml_tensor * q, ggml_tensor * w) {
+    return ggml_triattn_score(g, keys, q, w, hp.rope_type == LLAMA_ROPE_TYPE_NEOX, (int) hp.n_rot(il),
+                              kv->get_attn_rot_k());
+}
+
 bool triattention_cache_k_rotated(const llama_context * ctx) {
     const llama_kv_cache * kv = triattention_kv_cache(ctx);
     return kv != nullptr && kv->get_attn_rot_k();
@@ -50,20 +63,16 @@ int32_t triattention_score_layer(llama_context * ctx, int32_t il, const float * 
     }
     const llama_hparams & hp = ctx->get_model().hparams;
     const llama_kv_cells & cells = kv->get_cells(0);
-    ggml_tensor * k_store = kv->get_k_storage(il);
-    const int64_t head_dim  = hp.n_embd_head_k(il);
-    const int64_t n_head_kv = hp.n_head_kv(il);
-    const int64_t n_head    = hp.n_head(il);
+    const int64_t head_dim = hp.n_embd_head_k(il);
+    const int64_t n_head   = hp.n_head(il);
 
     ggml_context_ptr g = triattention_graph_context(16);
-    ggml_tensor * k_view = ggml_view_3d(g.get(), k_store, head_dim, n_head_kv, n_cells,
-                                        ggml_row_size(k_store->type, head_dim), k_store->nb[1], 0);
+    ggml_tensor * k_view = triattention_keys(g.get(), kv, hp, il, n_cells);
     ggml_tensor * q_in = ggml_new_tensor_2d(g.get(), GGML_TYPE_F32, head_dim, n_head);
     ggml_tensor * w_in = ggml_new_tensor_2d(g.get(), GGML_TYPE_F32, head_dim / 2, n_head);
     ggml_set_input(q_in);
     ggml_set_input(w_in);
-    ggml_tensor * out = ggml_triattn_score(g.get(), k_view, q_in, w_in, hp.rope_type == LLAMA_ROPE_TYPE_NEOX,
-                                           (int) hp.n_rot(il), kv->get_attn_rot_k());
+    ggml_tensor * out = triattention_score_keys(g.get(), kv, hp, il, k_view, q_in, w_in);
     ggml_set_output(out);
     ggml_cgraph * gf = ggml_new_graph_custom(g.get(), 16, false);
     ggml_build_forward_expand(gf, out);
