@@ -5,7 +5,7 @@ import pytest
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.calibrate import compute_centers, default_text
 from triattention_gguf.compression import CompressionError, cache_rows, compress, configure, last_kept, stats
-from triattention_gguf.modelinfo import facts_of, loaded_model, model_context, open_gguf
+from triattention_gguf.modelinfo import facts_of, loaded_model, model_context, open_gguf, tokenize
 
 BUDGET, DIVIDE, UBATCH = 64, 32, 32
 N_PROMPT = BUDGET + DIVIDE  # fills the cache up to the trigger, not past it
@@ -14,13 +14,6 @@ N_PROMPT = BUDGET + DIVIDE  # fills the cache up to the trigger, not past it
 @pytest.fixture(scope="module")
 def smollm2_centres(smollm2_path):
     return compute_centers(smollm2_path, max_tokens=256, n_threads=2, progress=False)
-
-
-def tokenize(model, text: str) -> list[int]:
-    data = text.encode()
-    buf = (ll.llama_token * (len(data) + 8))()
-    n = ll.llama_tokenize(ll.llama_model_get_vocab(model), data, len(data), buf, len(buf), False, False)
-    return list(buf[:n])
 
 
 def decode(ctx, tokens) -> None:

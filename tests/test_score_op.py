@@ -8,7 +8,7 @@ import pytest
 
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.calibrate import compute_centers, default_text
-from triattention_gguf.modelinfo import facts_of, loaded_model, model_context, open_gguf, rope_omega
+from triattention_gguf.modelinfo import facts_of, loaded_model, model_context, open_gguf, rope_omega, tokenize
 from triattention_gguf.scoring import OFFSETS, score_cache_layer, virtual_queries
 
 N_PROMPT = 300
@@ -60,11 +60,7 @@ def test_op_matches_numpy_reference(model, k_type, centres_of):
         facts = facts_of(path, open_gguf(path), mdl)
         with model_context(mdl, n_ctx=512, n_threads=2, type_k=K_TYPES[k_type]) as ctx:
             assert lib.triattention_cache_k_rotated(ctx) == (k_type != "f16")
-            vocab = ll.llama_model_get_vocab(mdl)
-            text = default_text()[:6000].encode()
-            buf = (ll.llama_token * 4096)()
-            n = ll.llama_tokenize(vocab, text, len(text), buf, 4096, False, False)
-            tokens = list(buf[:min(n, N_PROMPT)])
+            tokens = tokenize(mdl, default_text()[:6000])[:N_PROMPT]
             assert ll.llama_decode(ctx, ll.llama_batch_get_one((ll.llama_token * len(tokens))(*tokens), len(tokens))) == 0
             omega = rope_omega(ctx, facts.n_layer, facts.head_dim)
             t = len(tokens) - 1 + 5000  # a compression point past the prompt: phases must be right far out
@@ -91,11 +87,7 @@ def test_engine_keeps_the_top_budget_of_algorithm_md(centres_of):
         facts = facts_of(path, open_gguf(path), mdl)
         with model_context(mdl, n_ctx=512, n_threads=2, n_ubatch=128) as ctx:
             configure(ctx, "tri", budget, 64, centers=centres)
-            vocab = ll.llama_model_get_vocab(mdl)
-            text = default_text()[:6000].encode()
-            buf = (ll.llama_token * 4096)()
-            n = ll.llama_tokenize(vocab, text, len(text), buf, 4096, False, False)
-            tokens = list(buf[:min(n, 120)])
+            tokens = tokenize(mdl, default_text()[:6000])[:120]
             arr = (ll.llama_token * len(tokens))(*tokens)
             assert ll.llama_decode(ctx, ll.llama_batch_get_one(arr, len(tokens))) == 0
             omega = rope_omega(ctx, facts.n_layer, facts.head_dim)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import Centers
-from triattention_gguf.modelinfo import ModelFacts, facts_of, loaded_model, model_context, open_gguf
+from triattention_gguf.modelinfo import ModelFacts, facts_of, loaded_model, model_context, open_gguf, tokenize
 
 DEFAULT_TOKENS = 32768
 MIN_TOKENS = 256
@@ -60,14 +60,7 @@ class CalibrationRun:
     n_ctx: int
 
     def tokenize(self, text: str) -> list[int]:
-        vocab = ll.llama_model_get_vocab(self.model)
-        data = text.encode("utf-8")
-        n_max = len(data) + 16
-        buf = (ll.llama_token * n_max)()
-        n = ll.llama_tokenize(vocab, data, len(data), buf, n_max, False, False)
-        if n < 0:
-            raise CalibrationError(f"tokenization failed ({n})")
-        return list(buf[:n])
+        return tokenize(self.model, text)
 
     def decode(self, tokens: list[int]) -> None:
         """Decode one chunk from position 0 (the cache is cleared first)."""

@@ -138,6 +138,17 @@ def model_context(model, n_ctx: int, n_threads: int | None = None, n_ubatch: int
         ll.llama_free(ctx)
 
 
+def tokenize(model, text: str) -> list[int]:
+    """Tokens of text for a loaded llama_model* (no BOS, special tokens as plain text)."""
+    data = text.encode("utf-8")
+    n_max = len(data) + 16
+    buf = (ll.llama_token * n_max)()
+    n = ll.llama_tokenize(ll.llama_model_get_vocab(model), data, len(data), buf, n_max, False, False)
+    if n < 0:
+        raise ModelFileError(f"tokenization failed ({n})")
+    return list(buf[:n])
+
+
 def _arch(reader: gguf.GGUFReader) -> str:
     field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
     if field is None:
