@@ -4,6 +4,7 @@
 #include "triattention.h"
 #include "triattention-hooks.h"
 #include "triattention-impl.h"
+#include "triattn-hadamard.h"
 #include "triattn-pairs.h"
 
 #include "llama-arch.h"
@@ -17,6 +18,7 @@
 #include <cstring>
 #include <cmath>
 #include <complex>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <numeric>
@@ -26,6 +28,8 @@
 namespace {
 
 constexpr int   N_SINKS  = 4;      // streaming: attention sinks at the start of the sequence
+constexpr int   SNAP_WINDOW = 8;   // snapkv: the last queries whose attention scores the keys
+constexpr int   SNAP_POOL   = 7;   // snapkv: max-pooling kernel over neighbouring cells
 constexpr float KEEP     = 1e30f;  // score bonus of the newest token: never evicted
 constexpr float EVICTED  = -1e30f; // score of an empty cell
 constexpr int   MAX_NODE = 16384;
@@ -36,19 +40,52 @@ struct state {
     triattention_runner runner;
     triattention_params params = triattention_default_params();
 
-    // llama.cpp removed the compacted cells (a cleared cache, or a sequence truncated below the
-    // last compression): what compaction recorded about them no longer applies.
-    void forget_if_truncated(const llama_kv_cells & cells) {
-        if (stats.compressed_upto >= 0 && cells.seq_pos_max(0) < stats.compressed_upto) {
+    // llama.cpp removed compacted cells: the cache was cleared (forget every record), or the
+    // sequence was cut by seq_rm and continues at `next`. A cut keeps the cells whose position
+    // (the newest of their tokens) is older than the cut, with every head's token in them; their
+    // records stay, the freed cells' go. When eviction left no cell at next - 1, the newest kept
+    // cell moves there so that llama.cpp sees a contiguous sequence: a cell's position only
+    // masks, its keys keep the RoPE of the true positions recorded per head.
+    void after_truncation(llama_kv_cells & cells, llama_pos next) {
+        const llama_pos last = cells.seq_pos_max(0);
+        if (stats.compressed_upto < 0 || last >= stats.compressed_upto) {
+            return;
+        }
+        if (last < 0) {
             head_pos.clear();
             cell_pos.clear();
             stats.compressed_upto = -1;
+            return;
         }
+        int32_t newest = -1;
+        for (int32_t j = 0; j < (int32_t) cell_pos.size(); ++j) {
+            if (cells.is_empty(j)) {
+                cell_pos[j] = -1;
+            } else if (cells.pos_get(j) == last && cell_pos[j] == last) {
+                newest = j;
+            }
+        }
+        if (next - 1 > last && next - 1 <= stats.compressed_upto && newest >= 0) {
+            cells.rm(newest);
+            cells.pos_set(newest, next - 1);
+            cells.seq_add(newest, 0);
+            cell_pos[newest] = next - 1;
+        }
+        stats.compressed_upto = cells.seq_pos_max(0);
     }
     std::vector<float>  q_re, q_im, q_abs;  // centres [n_layer][n_head][n_pairs]
     triattention_stats  stats{0, 0, 0.0, -1};
     std::vector<int32_t> last_kept;         // [n_head_kv][budget]
     std::mt19937 rng{0};
+
+    // snapkv: the post-RoPE queries of the last SNAP_WINDOW tokens decoded, per layer, captured
+    // by an eval callback; `next` is the position the next captured token will have.
+    struct query_window {
+        std::vector<float>     q;    // [token][head][head_dim]
+        std::vector<llama_pos> pos;  // [token]
+        llama_pos              next = -1;
+    };
+    std::vector<query_window> windows;  // [n_layer]
 
     // After a per-head compaction, cell c holds a different token in each KV head: their true
     // positions, [n_head_kv][cell], for the cells that compaction wrote (cell_pos records the
@@ -92,6 +129,11 @@ ggml_tensor * znorm(ggml_context * g, ggml_tensor * s, ggml_tensor * valid, floa
     return ggml_div(g, centred, ggml_scale_bias(g, ggml_sqrt(g, var), 1.0f, 1e-6f));
 }
 
+// Elementwise max(a, b) = (a + b + |a - b|) / 2, from ops that every backend has.
+ggml_tensor * max2(ggml_context * g, ggml_tensor * a, ggml_tensor * b) {
+    return ggml_scale(g, ggml_add(g, ggml_add(g, a, b), ggml_abs(g, ggml_sub(g, a, b))), 0.5f);
+}
+
 // [n_kv, n_head] -> [n_kv, n_head_kv]: max over the query heads of each GQA group.
 ggml_tensor * gqa_max(ggml_context * g, ggml_tensor * z, int64_t n_head_kv) {
     const int64_t n_gqa = z->ne[1] / n_head_kv;
@@ -103,11 +145,30 @@ ggml_tensor * gqa_max(ggml_context * g, ggml_tensor * z, int64_t n_head_kv) {
     };
     ggml_tensor * m = group(0);
     for (int64_t i = 1; i < n_gqa; ++i) {
-        ggml_tensor * b = group(i);
-        // max(a, b) = (a + b + |a - b|) / 2
-        m = ggml_scale(g, ggml_add(g, ggml_add(g, m, b), ggml_abs(g, ggml_sub(g, m, b))), 0.5f);
+        m = max2(g, m, group(i));
     }
     return m;
+}
+
+// snapkv's score of one layer's keys, [n_kv, n_head_kv]: the attention of the window's queries
+// q [head_dim, n_head, n_win] (causal mask [n_kv, n_win, n_head]), summed over the window,
+// max-pooled over SNAP_POOL neighbouring cells, summed over each GQA group.
+ggml_tensor * snapkv_layer(ggml_context * g, ggml_tensor * keys, ggml_tensor * q, ggml_tensor * mask, float scale) {
+    const int64_t n_kv = keys->ne[2], n_head_kv = keys->ne[1], n_head = q->ne[1], n_win = q->ne[2];
+    ggml_tensor * kq = ggml_mul_mat(g, ggml_permute(g, keys, 0, 2, 1, 3), ggml_permute(g, q, 0, 2, 1, 3));
+    ggml_tensor * attn = ggml_soft_max_ext(g, kq, mask, scale, 0.0f);  // [n_kv, n_win, n_head]
+    ggml_tensor * per_key = ggml_reshape_2d(g, ggml_sum_rows(g, ggml_cont(g, ggml_permute(g, attn, 1, 0, 2, 3))),
+                                            n_kv, n_head);
+    const int half = SNAP_POOL / 2;
+    ggml_tensor * padded = ggml_pad_ext(g, per_key, half, half, 0, 0, 0, 0, 0, 0);  // attention >= 0: 0 pads
+    auto shifted = [&](int s) { return ggml_view_2d(g, padded, n_kv, n_head, padded->nb[1], s * sizeof(float)); };
+    ggml_tensor * pooled = ggml_cont(g, shifted(0));
+    for (int s = 1; s < SNAP_POOL; ++s) {
+        pooled = max2(g, pooled, ggml_cont(g, shifted(s)));
+    }
+    const int64_t n_gqa = n_head / n_head_kv;
+    ggml_tensor * grouped = ggml_cont(g, ggml_permute(g, ggml_reshape_3d(g, pooled, n_kv, n_gqa, n_head_kv), 1, 0, 2, 3));
+    return ggml_reshape_2d(g, ggml_sum_rows(g, grouped), n_kv, n_head_kv);
 }
 
 // A tensor of another type over the same bytes as storage (for bit-exact row moves).
@@ -172,7 +233,45 @@ std::vector<int32_t> top_per_row(const std::vector<float> & scores, const candid
     return kept;
 }
 
-// Device scores [n_head_kv][n_kv] for TRI and KNORM (one graph over every layer), bonus included.
+// snapkv's inputs: the captured window queries [n_layer][token][head][head_dim] (turned like the
+// cached keys when the cache rotates them) and the causal mask [head][token][cell] of the window.
+void snapkv_inputs(const state & st, const llama_kv_cache * kv, const candidates & c, int64_t n_head, int64_t head_dim,
+                   std::vector<float> & q, std::vector<float> & mask) {
+    const std::vector<llama_pos> & wpos = st.windows[0].pos;
+    q.clear();
+    for (const auto & w : st.windows) {
+        q.insert(q.end(), w.q.begin(), w.q.end());
+    }
+    if (kv->get_attn_rot_k()) {
+        for (size_t i = 0; i < q.size(); i += head_dim) {
+            triattn_fwht(q.data() + i, (int) head_dim);
+        }
+    }
+    const int64_t n_gqa = n_head / (int64_t) c.pos.size();
+    mask.assign((size_t) n_head * wpos.size() * c.n_kv, 0.0f);
+    for (int64_t h = 0; h < n_head; ++h) {
+        const auto & pos = c.pos[h / n_gqa];
+        for (size_t j = 0; j < wpos.size(); ++j) {
+            float * row = mask.data() + (h * wpos.size() + j) * c.n_kv;
+            for (int32_t i = 0; i < c.n_kv; ++i) {
+                // finite: a row with no visible key stays a (uniform) distribution, not NaN
+                row[i] = pos[i] >= 0 && pos[i] <= wpos[j] ? 0.0f : EVICTED;
+            }
+        }
+    }
+}
+
+// Whether every layer captured the same window of queries, all already in the cache.
+bool snapkv_window_ready(const state & st, const candidates & c) {
+    if (st.windows.empty() || st.windows[0].pos.empty() || st.windows[0].pos.back() > c.newest) {
+        return false;
+    }
+    return std::all_of(st.windows.begin(), st.windows.end(), [&](const state::query_window & w) {
+        return w.pos == st.windows[0].pos;
+    });
+}
+
+// Device scores [n_head_kv][n_kv] for TRI, KNORM and SNAPKV (one graph over every layer), bonus included.
 bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const candidates & c,
                    std::vector<float> & out) {
     const llama_model & model = ctx->get_model();
@@ -180,6 +279,8 @@ bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const c
     const int n_layer = (int) hp.n_layer();
     const layer_shape s0 = shape_of(hp, 0);
     const bool tri = st.params.method == TRIATTENTION_METHOD_TRI;
+    const bool snap = st.params.method == TRIATTENTION_METHOD_SNAPKV;
+    const int64_t n_win = snap ? (int64_t) st.windows[0].pos.size() : 0;
 
     ggml_context_ptr g = triattention_graph_context(MAX_NODE);
     auto input = [&](ggml_tensor * t) { ggml_set_input(t); return t; };
@@ -188,6 +289,9 @@ bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const c
     ggml_tensor * valid = tri ? input(ggml_new_tensor_2d(g.get(), GGML_TYPE_F32, c.n_kv, 1)) : nullptr;
     ggml_tensor * q_all = tri ? input(ggml_new_tensor_3d(g.get(), GGML_TYPE_F32, s0.head_dim, s0.n_head, n_layer)) : nullptr;
     ggml_tensor * w_all = tri ? input(ggml_new_tensor_3d(g.get(), GGML_TYPE_F32, s0.head_dim / 2, s0.n_head, n_layer)) : nullptr;
+    ggml_tensor * q_win = snap ? input(ggml_new_tensor_4d(g.get(), GGML_TYPE_F32, s0.head_dim, s0.n_head, n_win, n_layer)) : nullptr;
+    ggml_tensor * mask = snap ? input(ggml_new_tensor_3d(g.get(), GGML_TYPE_F32, c.n_kv, n_win, s0.n_head)) : nullptr;
+    const float kq_scale = hp.f_attention_scale == 0.0f ? 1.0f / std::sqrt((float) s0.head_dim) : hp.f_attention_scale;
 
     ggml_tensor * acc = nullptr;
     for (int il = 0; il < n_layer; ++il) {
@@ -198,6 +302,10 @@ bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const c
             ggml_tensor * w = ggml_view_2d(g.get(), w_all, s0.head_dim / 2, s0.n_head, w_all->nb[1], il * w_all->nb[2]);
             ggml_tensor * score = triattention_score_keys(g.get(), kv, hp, il, kview, q, w);
             layer = gqa_max(g.get(), znorm(g.get(), score, valid, (float) c.n_valid), s0.n_head_kv);
+        } else if (snap) {
+            ggml_tensor * q = ggml_view_3d(g.get(), q_win, s0.head_dim, s0.n_head, n_win, q_win->nb[1], q_win->nb[2],
+                                           il * q_win->nb[3]);
+            layer = snapkv_layer(g.get(), kview, q, mask, kq_scale);
         } else {
             // knorm: minus the L2 norm of each key (rotation-invariant), [n_kv, n_head_kv]
             ggml_tensor * norm = ggml_sqrt(g.get(), ggml_sum_rows(g.get(), ggml_sqr(g.get(),
@@ -212,7 +320,10 @@ bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const c
     ggml_cgraph * gf = ggml_new_graph_custom(g.get(), MAX_NODE, false);
     ggml_build_forward_expand(gf, total);
 
-    std::vector<float> q, w;
+    std::vector<float> q, w, m;
+    if (snap) {
+        snapkv_inputs(st, kv, c, s0.n_head, s0.head_dim, q, m);
+    }
     if (tri) {
         // virtual queries at t = newest position (algorithm.md §4), in the model's pair layout
         const double t = (double) c.newest;
@@ -249,6 +360,10 @@ bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const c
             ggml_backend_tensor_set(q_all, q.data(), 0, ggml_nbytes(q_all));
             ggml_backend_tensor_set(w_all, w.data(), 0, ggml_nbytes(w_all));
         }
+        if (snap) {
+            ggml_backend_tensor_set(q_win, q.data(), 0, ggml_nbytes(q_win));
+            ggml_backend_tensor_set(mask, m.data(), 0, ggml_nbytes(mask));
+        }
     });
     if (!ok) {
         return false;
@@ -258,7 +373,7 @@ bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const c
     return true;
 }
 
-// Host scores [n_head_kv][n_kv] for STREAMING and RANDOM, bonus included.
+// Host scores [n_head_kv][n_kv] for STREAMING and RANDOM (and SNAPKV without a window), bonus included.
 std::vector<float> host_scores(state & st, const candidates & c) {
     std::vector<float> s(c.bonus);
     std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
@@ -329,6 +444,39 @@ bool compact(llama_context * ctx, state & st, llama_kv_cache * kv, const std::ve
     return st.runner.run(gf, [&] { ggml_backend_tensor_set(idx, kept.data(), 0, ggml_nbytes(idx)); });
 }
 
+// snapkv's eval callback: keep the last SNAP_WINDOW tokens of each layer's post-RoPE query.
+bool snapkv_observe(ggml_tensor * t, bool ask, void * user_data) {
+    if (t->op != GGML_OP_ROPE || std::strncmp(t->name, "Qcur-", 5) != 0) {
+        return false;
+    }
+    if (ask) {
+        return true;
+    }
+    auto & st = *static_cast<state *>(user_data);
+    const int il = std::atoi(t->name + 5);
+    if (il < 0 || il >= (int) st.windows.size() || t->type != GGML_TYPE_F32 || t->nb[0] != sizeof(float)) {
+        return true;
+    }
+    state::query_window & w = st.windows[il];
+    const int64_t head_dim = t->ne[0], n_head = t->ne[1], n_tokens = t->ne[2];
+    for (int64_t tok = std::max<int64_t>(0, n_tokens - SNAP_WINDOW); tok < n_tokens; ++tok) {
+        const size_t at = w.q.size();
+        w.q.resize(at + n_head * head_dim);
+        for (int64_t h = 0; h < n_head; ++h) {
+            ggml_backend_tensor_get(t, w.q.data() + at + h * head_dim, h * t->nb[1] + tok * t->nb[2],
+                                    head_dim * sizeof(float));
+        }
+        w.pos.push_back(w.next + (llama_pos) tok);
+    }
+    w.next += (llama_pos) n_tokens;
+    if (w.pos.size() > SNAP_WINDOW) {
+        const size_t drop = w.pos.size() - SNAP_WINDOW;
+        w.pos.erase(w.pos.begin(), w.pos.begin() + drop);
+        w.q.erase(w.q.begin(), w.q.begin() + drop * n_head * head_dim);
+    }
+    return true;
+}
+
 int32_t compress_now(llama_context * ctx, state & st) {
     llama_kv_cache * kv = triattention_kv_cache(ctx);
     const llama_hparams & hp = ctx->get_model().hparams;
@@ -340,11 +488,24 @@ int32_t compress_now(llama_context * ctx, state & st) {
     }
     const auto start = std::chrono::steady_clock::now();
     llama_synchronize(ctx);
-    st.forget_if_truncated(cells);
+    st.after_truncation(cells, cells.seq_pos_max(0) + 1);
 
-    const candidates c = gather_candidates(st, cells, n_head_kv);
+    candidates c = gather_candidates(st, cells, n_head_kv);
+    const triattention_method method = (triattention_method) st.params.method;
+    // snapkv keeps its observation window; with no window captured yet (a state just loaded,
+    // a compression asked before any decode) it falls back to keeping the most recent tokens
+    const bool snap_ready = method == TRIATTENTION_METHOD_SNAPKV && snapkv_window_ready(st, c);
+    if (snap_ready) {
+        for (int64_t hk = 0; hk < n_head_kv; ++hk) {
+            for (int32_t i = 0; i < c.n_kv; ++i) {
+                if (c.pos[hk][i] >= st.windows[0].pos.front()) {
+                    c.bonus[hk * c.n_kv + i] = KEEP;
+                }
+            }
+        }
+    }
     std::vector<float> scores;
-    if (st.params.method == TRIATTENTION_METHOD_TRI || st.params.method == TRIATTENTION_METHOD_KNORM) {
+    if (method == TRIATTENTION_METHOD_TRI || method == TRIATTENTION_METHOD_KNORM || snap_ready) {
         if (!device_scores(ctx, st, kv, c, scores)) {
             return triattention_fail("the scoring graph failed");
         }
@@ -465,7 +626,7 @@ triattention_params triattention_default_params(void) {
 
 int32_t triattention_set_params(llama_context * ctx, triattention_params params) {
     triattention_clear_error();
-    if (params.method < TRIATTENTION_METHOD_NONE || params.method > TRIATTENTION_METHOD_RANDOM) {
+    if (params.method < TRIATTENTION_METHOD_NONE || params.method > TRIATTENTION_METHOD_SNAPKV) {
         return triattention_fail("unknown compression method " + std::to_string(params.method));
     }
     if (params.select != TRIATTENTION_SELECT_PER_HEAD && params.select != TRIATTENTION_SELECT_SHARED) {
@@ -491,6 +652,18 @@ int32_t triattention_set_params(llama_context * ctx, triattention_params params)
     state & st = state_of(ctx);
     if (params.method == TRIATTENTION_METHOD_TRI && st.q_re.empty()) {
         return triattention_fail("method tri needs the query centres: call triattention_set_centers first");
+    }
+    const ggml_backend_sched_eval_callback own = ctx->get_cparams().cb_eval;
+    if (params.method == TRIATTENTION_METHOD_SNAPKV) {
+        if (own != nullptr && own != snapkv_observe) {
+            return triattention_fail("snapkv observes the queries through the context's eval callback, "
+                                     "and this context already has one (cb_eval)");
+        }
+        st.windows.assign(ctx->get_model().hparams.n_layer(), {});
+        ctx->set_eval_callback(snapkv_observe, &st);
+    } else if (own == snapkv_observe) {
+        st.windows.clear();
+        ctx->set_eval_callback(nullptr, nullptr);
     }
     st.params = params;
     st.rng.seed(params.seed);
@@ -589,10 +762,21 @@ int32_t triattention_on_decode(llama_context * ctx, const llama_batch & batch) {
     if (st == nullptr || st->params.method == TRIATTENTION_METHOD_NONE) {
         return 0;
     }
-    const llama_kv_cache * kv = triattention_kv_cache(ctx);
-    st->forget_if_truncated(kv->get_cells(0));
+    llama_kv_cache * kv = triattention_kv_cache(ctx);
+    llama_kv_cells & cells = kv->get_cells_mut(0);
+    const llama_pos first = batch.pos && batch.n_tokens > 0 ? batch.pos[0] : cells.seq_pos_max(0) + 1;
+    st->after_truncation(cells, first);
+    if (st->params.method == TRIATTENTION_METHOD_SNAPKV) {
+        // the batch's tokens follow the captured window only if it continues the sequence
+        for (auto & w : st->windows) {
+            if (w.next != first) {
+                w = {};
+            }
+            w.next = first;
+        }
+    }
     const int32_t limit = st->params.budget + st->params.divide_length;
-    if ((int32_t) kv->get_cells(0).get_used() + batch.n_tokens <= limit) {
+    if ((int32_t) cells.get_used() + batch.n_tokens <= limit) {
         return 0;
     }
     if ((int64_t) batch.n_tokens > ctx->get_cparams().n_ubatch) {

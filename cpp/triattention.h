@@ -88,6 +88,7 @@ enum triattention_method {
     TRIATTENTION_METHOD_STREAMING = 2,  // 4 attention sinks + the most recent tokens
     TRIATTENTION_METHOD_KNORM     = 3,  // keep the keys with the smallest L2 norm
     TRIATTENTION_METHOD_RANDOM    = 4,  // uniform random eviction (seeded)
+    TRIATTENTION_METHOD_SNAPKV    = 5,  // attention of the last 8 queries, max-pooled (kernel 7)
 };
 
 enum triattention_select {
@@ -120,6 +121,10 @@ struct triattention_cache_info {
 LLAMA_API struct triattention_params triattention_default_params(void);
 
 LLAMA_API struct triattention_cache_info triattention_get_cache_info(const struct llama_context * ctx);
+
+// The cells of sequence 0 whose position is below pos: what cutting the sequence at pos keeps
+// (after a compression a cell's position is the newest of the tokens its heads hold).
+LLAMA_API int32_t triattention_cells_before(const struct llama_context * ctx, llama_pos pos);
 
 // Validates and sets the parameters (method NONE turns compression off). The context must
 // hold a single sequence; budget + divide_length + n_ubatch must fit in its cells.

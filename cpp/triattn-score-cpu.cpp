@@ -1,6 +1,7 @@
 // CPU implementation of GGML_OP_TRIATTN_SCORE: threads split the cells; each cached key
 // row is converted to f32 once and scored against every query head of its GQA group.
 #include "triattn-score-cpu.h"
+#include "triattn-hadamard.h"
 #include "triattn-pairs.h"
 
 #include "ggml.h"
@@ -9,25 +10,6 @@
 
 #include <cmath>
 #include <vector>
-
-// In-place orthonormal Walsh-Hadamard transform (Sylvester order, like llama.cpp's
-// rotation matrix, which is symmetric: applying it again undoes the rotation).
-static void fwht(float * x, int n) {
-    for (int len = 1; len < n; len <<= 1) {
-        for (int i = 0; i < n; i += len << 1) {
-            for (int j = i; j < i + len; ++j) {
-                const float a = x[j];
-                const float b = x[j + len];
-                x[j]       = a + b;
-                x[j + len] = a - b;
-            }
-        }
-    }
-    const float scale = 1.0f / std::sqrt((float) n);
-    for (int i = 0; i < n; ++i) {
-        x[i] *= scale;
-    }
-}
 
 void ggml_compute_forward_triattn_score(const ggml_compute_params * params, ggml_tensor * dst) {
     const ggml_tensor * k = dst->src[0];
@@ -64,7 +46,7 @@ void ggml_compute_forward_triattn_score(const ggml_compute_params * params, ggml
                 default:            to_float(row, key.data(), head_dim); break;
             }
             if (hadamard) {
-                fwht(key.data(), head_dim);
+                triattn_fwht(key.data(), head_dim);
             }
             for (int f = 0; f < n_pairs; ++f) {
                 int re, im;

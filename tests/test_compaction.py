@@ -29,7 +29,7 @@ def open_ctx(model, flash_attn: bool, n_ctx: int = 256, **overrides):
 
 
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["v-transposed", "v-rows"])
-@pytest.mark.parametrize("method", ["tri", "knorm", "streaming", "random"])
+@pytest.mark.parametrize("method", ["tri", "knorm", "streaming", "random", "snapkv"])
 def test_compaction_moves_each_heads_kept_rows(method, flash_attn, smollm2_path, smollm2_centres):
     with loaded_model(smollm2_path) as model:
         facts = facts_of(smollm2_path, open_gguf(smollm2_path), model)
@@ -58,7 +58,7 @@ def test_compaction_moves_each_heads_kept_rows(method, flash_attn, smollm2_path,
                     cols = slice(hk * hd, (hk + 1) * hd)
                     assert np.array_equal(k_after[:, cols], k_before[kept[hk], cols]), (il, hk)
                     assert np.array_equal(v_after[:, cols], v_before[kept[hk], cols]), (il, hk)
-            if method in ("tri", "knorm"):  # scores differ between heads, so do the kept sets
+            if method in ("tri", "knorm", "snapkv"):  # scores differ between heads, so do the kept sets
                 assert any(not np.array_equal(kept[0], kept[hk]) for hk in range(1, hkv))
 
 
@@ -193,6 +193,76 @@ def test_next_token_attends_exactly_to_the_kept_keys(flash_attn, smollm2_path, s
                     # CPU flash attention rounds Q to f16: about 0.5% of the output's scale
                     tol = (1e-2 if flash_attn else 2e-3) * np.abs(expected).max() + 1e-4
                     np.testing.assert_allclose(out[head], expected, rtol=0, atol=tol, err_msg=f"layer {il} head {head}")
+
+
+def test_snapkv_keeps_the_keys_its_window_attends_to(smollm2_path):
+    """algorithm.md §6: the attention of the last 8 queries, summed over them, max-pooled over 7
+    neighbouring keys, summed over each GQA group; the engine also averages over layers (one kept
+    set per KV head for every layer) and keeps the window itself."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    window = 8
+    with loaded_model(smollm2_path) as model:
+        facts = facts_of(smollm2_path, open_gguf(smollm2_path), model)
+        hd, h, hkv, n_layer = facts.head_dim, facts.n_head, facts.n_head_kv, facts.n_layer
+        tokens = tokenize(model, default_text()[:4000])[:N_PROMPT]
+        capture = NodeCapture([f"Qcur-{il}:ROPE" for il in range(n_layer)])
+        with open_ctx(model, False, cb_eval=capture.callback) as ctx:
+            decode(ctx, tokens)  # the same ubatches as below: the same queries
+        queries = [capture.data[f"Qcur-{il}:ROPE"].reshape(-1, h, hd)[-window:].astype(np.float64)
+                   for il in range(n_layer)]
+        with open_ctx(model, False) as ctx:
+            configure(ctx, "snapkv", BUDGET, DIVIDE)
+            decode(ctx, tokens)
+            keys = [cache_rows(ctx, il, hkv * hd, hkv * hd)[0].astype(np.float64) for il in range(n_layer)]
+            compress(ctx)
+            kept = last_kept(ctx, hkv, BUDGET)
+        with open_ctx(model, False, cb_eval=capture.callback) as ctx:
+            with pytest.raises(CompressionError, match="already has one"):
+                configure(ctx, "snapkv", BUDGET, DIVIDE)
+
+    gqa, pos = h // hkv, np.arange(N_PROMPT)
+    future = pos[None, :] > pos[-window:, None]  # [query, key]
+    total = np.zeros((hkv, N_PROMPT))
+    for il in range(n_layer):
+        k = keys[il].reshape(N_PROMPT, hkv, hd)[:, np.arange(h) // gqa]  # [key, head, dim]
+        logits = np.einsum("jhd,nhd->hjn", queries[il], k) / np.sqrt(hd)
+        logits[:, future] = -np.inf
+        attn = np.exp(logits - logits.max(-1, keepdims=True))
+        attn = (attn / attn.sum(-1, keepdims=True)).sum(1)  # [head, key]
+        pooled = sliding_window_view(np.pad(attn, ((0, 0), (3, 3))), 7, axis=1).max(-1)
+        total += pooled.reshape(hkv, gqa, N_PROMPT).sum(1)
+    total[:, -window:] = np.inf
+    for hk in range(hkv):
+        expected = set(np.argsort(-total[hk], kind="stable")[:BUDGET])
+        assert len(expected & set(kept[hk])) >= BUDGET - 1, hk  # float32 vs float64 may swap a near-tie
+
+
+def test_a_cut_inside_the_compressed_history_keeps_the_older_cells(smollm2_path):
+    with loaded_model(smollm2_path) as model, open_ctx(model, False) as ctx:
+        configure(ctx, "streaming", BUDGET, DIVIDE)
+        tokens = tokenize(model, default_text()[:4000])
+        decode(ctx, tokens[:N_PROMPT])
+        compress(ctx)  # keeps positions 0-3 and N_PROMPT - BUDGET + 4 onwards
+        mem = ll.llama_get_memory(ctx)
+        assert lib.triattention_cells_before(ctx, 20) == 4
+        assert ll.llama_memory_seq_rm(mem, 0, 20, -1)
+        # positions 4-19 were evicted: the newest kept cell stands in for position 19, so that
+        # llama.cpp accepts the sequence continuing at 20 (given explicitly, as llama-cpp-python does)
+        batch = ll.llama_batch_init(2, 0, 1)
+        for i in range(2):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tokens[20 + i], 20 + i, 1, i == 1
+            batch.seq_id[i][0] = 0
+        batch.n_tokens = 2
+        rc = ll.llama_decode(ctx, batch)
+        ll.llama_batch_free(batch)
+        assert rc == 0
+        assert ll.llama_memory_seq_pos_max(mem, 0) == 21
+        assert lib.triattention_get_cache_info(ctx).cells_used == 6
+        assert stats(ctx)["compressed_upto"] == 19  # the cut history is held, compressed
+        decode(ctx, tokens[22:22 + BUDGET + DIVIDE])  # and compresses again from there
+        assert stats(ctx)["compressions"] == 2
+        assert ll.llama_memory_seq_pos_max(mem, 0) == 22 + BUDGET + DIVIDE - 1
 
 
 def test_prompt_many_times_the_cache_is_read_in_chunks(smollm2_path):

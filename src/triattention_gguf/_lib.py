@@ -89,13 +89,14 @@ class CacheInfo(ctypes.Structure):
     _fields_ = [("cells_used", ctypes.c_int32), ("cells_capacity", ctypes.c_int32), ("bytes", ctypes.c_int64)]
 
 
-METHODS = {"none": 0, "tri": 1, "streaming": 2, "knorm": 3, "random": 4}
+METHODS = {"none": 0, "tri": 1, "streaming": 2, "knorm": 3, "random": 4, "snapkv": 5}
 SELECT_MODES = {"per-head": 0, "shared": 1}
 _bind("triattention_default_params", Params)
 _bind("triattention_set_params", ctypes.c_int32, _vp, Params)
 _bind("triattention_set_centers", ctypes.c_int32, _vp, _f32p, _f32p, _f32p, ctypes.c_int64)
 _bind("triattention_compress", ctypes.c_int32, _vp)
 _bind("triattention_get_cache_info", CacheInfo, _vp)
+_bind("triattention_cells_before", ctypes.c_int32, _vp, ctypes.c_int32)
 _bind("triattention_records_size", ctypes.c_size_t, _vp)
 _bind("triattention_records_get", ctypes.c_size_t, _vp, ctypes.c_char_p, ctypes.c_size_t)
 _bind("triattention_records_set", ctypes.c_int32, _vp, ctypes.c_char_p, ctypes.c_size_t)

@@ -20,7 +20,7 @@ class Llama(llama_cpp.Llama):
     conversation, in tokens), plus:
 
     kv_compress: "tri" (needs centres in the file: `triattention-gguf embed-centers`),
-        "none", or the baselines "streaming", "knorm", "random".
+        "none", or the baselines "streaming", "knorm", "random", "snapkv".
     kv_budget: cells each KV head keeps after a compression (default 2048).
     kv_divide_length: compress when budget + divide_length cells are reached (default 128).
     kv_select: "per-head" (default: a kept set per KV head) or "shared".
@@ -34,6 +34,7 @@ class Llama(llama_cpp.Llama):
                  kv_divide_length: int = 128, kv_select: str = "per-head", kv_seed: int = 0, **kwargs):
         check_arguments(kv_compress, kv_budget, kv_divide_length, kv_select)
         self.kv_compress = kv_compress
+        self._kv_budget, self._kv_divide_length = kv_budget, kv_divide_length
         centres = None
         logical_n_ctx = kwargs.get("n_ctx", 512)
         if kv_compress != "none":
@@ -63,8 +64,6 @@ class Llama(llama_cpp.Llama):
         return self._logical_n_ctx if self.kv_compress != "none" else super().n_ctx()
 
     def generate(self, tokens: Sequence[int], *args, reset: bool = True, **kwargs):
-        # After a compression the cache holds only the history it was given in full; a prompt
-        # that keeps a shorter prefix of it cannot reuse those cells and is read again.
         if reset and self.kv_compress != "none" and self.n_tokens > 0:
             tokens = list(tokens)
             prefix = 0
@@ -72,10 +71,26 @@ class Llama(llama_cpp.Llama):
                 if a != b:
                     break
                 prefix += 1
-            if stats(self._ctx.ctx)["compressed_upto"] >= min(prefix, len(tokens) - 1):
+            exact_hit = prefix == len(tokens) == self.n_tokens and not self._requires_eval
+            # the parent cuts the cache where the prompt leaves the history (one token earlier
+            # when the prompt is all history, to refresh the logits)
+            if not exact_hit and not self._cut_is_served(min(prefix, len(tokens) - 1)):
                 self.n_tokens = 0
                 ll.llama_memory_clear(ll.llama_get_memory(self._ctx.ctx), True)
         return super().generate(tokens, *args, reset=reset, **kwargs)
+
+    def _cut_is_served(self, cut: int) -> bool:
+        """Whether the cache, cut at position `cut`, still serves the history before it.
+
+        A cut after the last compression keeps that history exactly. A cut inside the compressed
+        history (a chat template that tokenizes the previous answer differently, an agent that
+        edits its last turn) keeps the cells older than the cut: served when reading that prefix
+        afresh would have compressed it too (cut > budget + divide_length) and the cache still
+        holds budget - divide_length of its tokens; otherwise the prompt is read again."""
+        if stats(self._ctx.ctx)["compressed_upto"] < cut:
+            return True
+        budget, divide = self._kv_budget, self._kv_divide_length
+        return cut > budget + divide and lib.triattention_cells_before(self._ctx.ctx, cut) >= budget - divide
 
     def save_state(self) -> llama_cpp.LlamaState:
         state = super().save_state()
