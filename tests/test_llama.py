@@ -14,10 +14,8 @@ SMALL = dict(n_ctx=2048, n_threads=2, verbose=False, n_ubatch=64)
 
 
 @pytest.fixture(scope="module")
-def centred(smollm2_path, tmp_path_factory):
-    path = tmp_path_factory.mktemp("centred") / "smollm2.gguf"
-    rewrite_model(smollm2_path, compute_centers(smollm2_path, max_tokens=512, n_threads=2, progress=False), path)
-    return str(path)
+def centred(smollm2_centred):
+    return smollm2_centred
 
 
 def greedy(llm, prompt=PROMPT, n=48):

@@ -85,12 +85,29 @@ class CalibrationRun:
 
     def last_queries(self, il: int, post_rope: bool) -> np.ndarray:
         """[tokens, n_head, head_dim] queries of layer il from the last ubatch (keep_last runs only)."""
-        f = self.facts
-        buf = np.zeros(self.n_ctx * f.n_head * f.head_dim, dtype=np.float32)
-        n = lib.triattention_calib_last(self.calib, il, post_rope, buf.ctypes.data_as(_f32p), buf.size)
-        if n < 0:
-            raise CalibrationError("no captured queries (was the run opened with keep_last=True?)")
-        return buf[: n * f.n_head * f.head_dim].reshape(n, f.n_head, f.head_dim)
+        return last_queries(self.calib, self.facts, il, post_rope, self.n_ctx)
+
+
+def last_queries(calib, facts: ModelFacts, il: int, post_rope: bool, n_max: int) -> np.ndarray:
+    """[tokens, n_head, head_dim] queries of layer il from the last ubatch that a keep_last
+    accumulator saw (at most n_max tokens)."""
+    buf = np.zeros(n_max * facts.n_head * facts.head_dim, dtype=np.float32)
+    n = lib.triattention_calib_last(calib, il, post_rope, buf.ctypes.data_as(_f32p), buf.size)
+    if n < 0:
+        raise CalibrationError("no captured queries (was the accumulator made with keep_last=True?)")
+    return buf[: n * facts.n_head * facts.head_dim].reshape(n, facts.n_head, facts.head_dim)
+
+
+@contextlib.contextmanager
+def query_capture(model, keep_last: bool) -> Iterator[tuple[ctypes.c_void_p, dict]]:
+    """A calibration accumulator for a loaded llama_model*, and the llama_context_params
+    fields that make a context's graph feed it."""
+    calib = lib.triattention_calib_init(model, keep_last)
+    callback = ctypes.cast(lib.triattention_calib_callback(), ll.ggml_backend_sched_eval_callback)
+    try:
+        yield calib, {"cb_eval": callback, "cb_eval_user_data": calib}
+    finally:
+        lib.triattention_calib_free(calib)
 
 
 @contextlib.contextmanager
@@ -102,15 +119,11 @@ def calibration_run(model_path: str | os.PathLike, n_ctx: int = DEFAULT_CHUNK, k
     with loaded_model(model_path) as model:
         facts = facts_of(model_path, reader, model)
         n_ctx = min(n_ctx, facts.n_ctx_train)
-        calib = lib.triattention_calib_init(model, keep_last)
-        callback = ctypes.cast(lib.triattention_calib_callback(), ll.ggml_backend_sched_eval_callback)
-        try:
+        with query_capture(model, keep_last) as (calib, feed):
             # keep_last captures one ubatch, so a whole chunk must fit in one.
             with model_context(model, n_ctx, n_threads, n_ubatch=n_ctx if keep_last else 512,
-                               cb_eval=callback, cb_eval_user_data=calib, **context_overrides) as ctx:
+                               **feed, **context_overrides) as ctx:
                 yield CalibrationRun(facts, model, ctx, calib, n_ctx)
-        finally:
-            lib.triattention_calib_free(calib)
 
 
 def compute_centers(model_path: str | os.PathLike, text: str | None = None, max_tokens: int = DEFAULT_TOKENS,

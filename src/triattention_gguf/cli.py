@@ -124,6 +124,96 @@ def _strip_centers(args: argparse.Namespace) -> int:
     return 0
 
 
+EVAL_COLUMNS = ["model", "method", "budget", "fraction", "kl", "top1", "ppl", "ppl_full", "recall", "passkey",
+                "own_output", "compressions"]
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from triattention_gguf.calibrate import default_text, read_texts
+    from triattention_gguf.evaluation import evaluate
+    from triattention_gguf.report import markdown_table, plot_lines, write_outputs
+
+    _quiet_llama(args.verbose)
+    defaults = (dict(tokens=1024, budgets="1/4,256", retrieval_tokens=768, retrieval_trials=1, recall_checkpoints=2)
+                if args.quick else
+                dict(tokens=8192, budgets="1/2,1/4,1/8,1/16,256,512,1024,2048", retrieval_tokens=2048,
+                     retrieval_trials=3, recall_checkpoints=4))
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.chunk > args.divide_length:
+        raise UsageError(f"--chunk {args.chunk} is larger than --divide-length {args.divide_length}: compression "
+                         "would not happen as it does while decoding")
+    text = read_texts(args.text) if args.text else default_text()
+    rows = []
+    try:
+        for model in args.model:
+            rows += evaluate(model, args.methods.split(","), args.budgets.split(","), text, args.tokens,
+                             args.divide_length, args.chunk, args.retrieval_tokens, args.retrieval_trials,
+                             args.recall_checkpoints, args.threads, progress=not args.quiet)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    out = write_outputs(args.out, "eval", rows, EVAL_COLUMNS, {"command": "eval", "args": vars(args) | {"func": None}})
+    plot_lines(out / "eval.png", [r for r in rows if r["method"] != "none"], "budget",
+               [("kl", "mean KL(full || method)"), ("top1", "top-1 agreement"), ("recall", "attention recall")])
+    print(markdown_table(rows, EVAL_COLUMNS))
+    print(f"written: {out / 'eval.md'}, {out / 'eval.json'}, {out / 'eval.png'}")
+    return 0
+
+
+BENCH_COLUMNS = ["model", "method", "budget", "length", "prefill_tps", "decode_tps_min", "decode_tps_median",
+                 "decode_vs_full", "compressions", "compress_ms", "compress_share", "kv_bytes", "kv_vs_full", "rss_mib"]
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from triattention_gguf.benchmark import bench
+    from triattention_gguf.calibrate import default_text, read_texts
+    from triattention_gguf.report import markdown_table, plot_lines, write_outputs
+
+    _quiet_llama(args.verbose)
+    defaults = (dict(lengths="1024,2048", budgets="256,512", rounds=2, decode_tokens=16) if args.quick else
+                dict(lengths="2048,8192,16384,32768", budgets="512,1024,2048", rounds=3, decode_tokens=32))
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+        budgets = [int(x) for x in args.budgets.split(",")]
+    except ValueError as err:
+        raise UsageError(f"--lengths and --budgets take comma-separated numbers of tokens: {err}") from err
+    text = read_texts(args.text) if args.text else default_text()
+    rows = []
+    for model in args.model:
+        rows += bench(model, args.methods.split(","), budgets, lengths, text, args.divide_length, args.decode_tokens,
+                      args.rounds, args.threads, progress=not args.quiet)
+    out = write_outputs(args.out, "bench", rows, BENCH_COLUMNS, {"command": "bench", "args": vars(args) | {"func": None}})
+    for row in rows:
+        row["config"] = row["method"] if row["method"] == "none" else f"{row['method']}@{row['budget']}"
+    plot_lines(out / "bench.png", rows, "length", [("decode_tps_median", "decode tokens/s (median)"),
+                                                   ("kv_bytes", "KV bytes allocated")], line_key="config")
+    print(markdown_table(rows, BENCH_COLUMNS))
+    print(f"written: {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from triattention_gguf.server import ServeConfig, create_app
+
+    _quiet_llama(args.verbose)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if not Path(args.model).is_file():
+        raise UsageError(f"{args.model}: no such model file")
+    config = ServeConfig(model=args.model, alias=args.alias, kv_compress=args.kv_compress, kv_budget=args.kv_budget,
+                         kv_divide_length=args.kv_divide_length, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers,
+                         threads=args.threads, chat_format=args.chat_format, api_key=args.api_key)
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -161,6 +251,63 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     inspect.set_defaults(func=_inspect)
 
+    ev = sub.add_parser("eval", help="quality under compression against the full cache: KL, top-1, perplexity, "
+                                     "attention recall, retrieval; table, JSON and plot")
+    ev.add_argument("model", nargs="+", help="GGUF model file(s); tri needs centres (embed-centers)")
+    ev.add_argument("--methods", default="none,tri,streaming,knorm,random,snapkv")
+    ev.add_argument("--budgets", default=None, help="cells (1024) or fractions of the text (1/4), comma-separated "
+                                                     "(default 1/2,1/4,1/8,1/16,256,512,1024,2048)")
+    ev.add_argument("--tokens", type=_positive, default=None, help="tokens of text to evaluate (default 8192)")
+    ev.add_argument("--text", action="append", help="text file (repeatable; default: Python's documentation)")
+    ev.add_argument("--divide-length", type=_positive, default=128)
+    ev.add_argument("--chunk", type=_positive, default=32, help="tokens fed at a time (<= divide-length)")
+    ev.add_argument("--retrieval-tokens", type=_positive, default=None, help="context of retrieval prompts (default 2048)")
+    ev.add_argument("--retrieval-trials", type=int, default=None, help="prompts per retrieval task, 0 for none (default 3)")
+    ev.add_argument("--recall-checkpoints", type=_positive, default=None, help="chunks where recall is measured (default 4)")
+    ev.add_argument("--threads", type=_positive, default=None)
+    ev.add_argument("--out", default="eval-results", help="folder for eval.md, eval.json, eval.png")
+    ev.add_argument("--quick", action="store_true", help="a CI-sized run (1024 tokens, budgets 1/4 and 256)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    ev.set_defaults(func=_eval)
+
+    be = sub.add_parser("bench", help="decode and prefill speed, compression time and memory of every method "
+                                      "next to the full cache; table, JSON and plot")
+    be.add_argument("model", nargs="+", help="GGUF model file(s); tri needs centres (embed-centers)")
+    be.add_argument("--methods", default="tri,streaming,knorm,random,snapkv", help="compared with the full cache")
+    be.add_argument("--budgets", default=None, help="comma-separated cells (default 512,1024,2048)")
+    be.add_argument("--lengths", default=None, help="logical lengths in tokens (default 2048,8192,16384,32768, "
+                                                     "up to the model's trained context)")
+    be.add_argument("--decode-tokens", type=_positive, default=None, help="tokens per decode round (default 32)")
+    be.add_argument("--rounds", type=_positive, default=None, help="interleaved decode rounds (default 3)")
+    be.add_argument("--divide-length", type=_positive, default=128)
+    be.add_argument("--text", action="append", help="text file (repeatable; default: Python's documentation)")
+    be.add_argument("--threads", type=_positive, default=None)
+    be.add_argument("--out", default="bench-results", help="folder for bench.md, bench.json, bench.png")
+    be.add_argument("--quick", action="store_true", help="a CI-sized run (lengths 1024 and 2048, budgets 256 and 512)")
+    be.add_argument("--quiet", action="store_true", help="no progress bars")
+    be.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    be.set_defaults(func=_bench)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible server (chat, completions, tools, streaming) over "
+                                         "a compressed cache")
+    serve.add_argument("model", help="GGUF model file (tri needs centres: embed-centers)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--kv-compress", default="tri", help="tri (default), none, streaming, knorm, random, snapkv")
+    serve.add_argument("--kv-budget", type=_positive, default=4096, help="KV cells kept per head (default 4096)")
+    serve.add_argument("--kv-divide-length", type=_positive, default=128)
+    serve.add_argument("--n-ctx", type=int, default=0, help="longest conversation in tokens (default: the model's "
+                                                             "trained context)")
+    serve.add_argument("--n-gpu-layers", type=int, default=0)
+    serve.add_argument("--threads", type=_positive, default=None)
+    serve.add_argument("--chat-format", default=None, help="llama-cpp-python chat format (default: the model's "
+                                                           "own template)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
+    serve.add_argument("--alias", default=None, help="model name for clients (default: the file name)")
+    serve.add_argument("--verbose", action="store_true", help="llama.cpp's and uvicorn's logs")
+    serve.set_defaults(func=_serve)
+
     strip = sub.add_parser("strip-centers", help="remove the centres from a GGUF file")
     strip.add_argument("model")
     strip.add_argument("-o", "--output", help="write the result to this file instead of in place")
@@ -172,11 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from triattention_gguf.calibrate import CalibrationError
     from triattention_gguf.centers import CentersError
+    from triattention_gguf.compression import CompressionError
     from triattention_gguf.modelinfo import ModelFileError
 
     try:
         return args.func(args)
-    except (UsageError, ModelFileError, CentersError, CalibrationError) as err:
+    except (UsageError, ModelFileError, CentersError, CalibrationError, CompressionError) as err:
         print(f"triattention-gguf {args.command}: error: {err}", file=sys.stderr)
         return 2
 

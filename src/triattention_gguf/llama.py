@@ -64,8 +64,9 @@ class Llama(llama_cpp.Llama):
         return self._logical_n_ctx if self.kv_compress != "none" else super().n_ctx()
 
     def generate(self, tokens: Sequence[int], *args, reset: bool = True, **kwargs):
+        tokens = list(tokens)
+        self.last_prompt = {"tokens": len(tokens), "reused": None}
         if reset and self.kv_compress != "none" and self.n_tokens > 0:
-            tokens = list(tokens)
             prefix = 0
             for a, b in zip(self._input_ids, tokens):
                 if a != b:
@@ -78,6 +79,20 @@ class Llama(llama_cpp.Llama):
                 self.n_tokens = 0
                 ll.llama_memory_clear(ll.llama_get_memory(self._ctx.ctx), True)
         return super().generate(tokens, *args, reset=reset, **kwargs)
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        record = getattr(self, "last_prompt", None)
+        if record is not None and record["reused"] is None:
+            # the first evaluation of a generation starts after what the cache already held
+            record["reused"] = min(self.n_tokens, record["tokens"])
+        super().eval(tokens)
+
+    def prompt_reuse(self) -> dict:
+        """Of the last generate()'s prompt: tokens, and how many of them the cache already held."""
+        record = dict(getattr(self, "last_prompt", None) or {"tokens": 0, "reused": 0})
+        if record["reused"] is None:  # nothing evaluated: the whole prompt was held
+            record["reused"] = record["tokens"]
+        return record
 
     def _cut_is_served(self, cut: int) -> bool:
         """Whether the cache, cut at position `cut`, still serves the history before it.

@@ -149,6 +149,16 @@ def tokenize(model, text: str) -> list[int]:
     return list(buf[:n])
 
 
+def detokenize(model, tokens: list[int]) -> str:
+    """Text of tokens for a loaded llama_model* (special tokens as text, bad UTF-8 replaced)."""
+    vocab = ll.llama_model_get_vocab(model)
+    out, piece = bytearray(), ctypes.create_string_buffer(256)
+    for token in tokens:
+        n = ll.llama_token_to_piece(vocab, token, piece, len(piece), 0, True)
+        out += piece.raw[:max(0, n)]
+    return out.decode("utf-8", errors="replace")
+
+
 def _arch(reader: gguf.GGUFReader) -> str:
     field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
     if field is None:

@@ -1,0 +1,130 @@
+"""Several KV-cache configurations of one loaded model, fed the same tokens side by side
+(the engine behind `eval` and `bench`)."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from triattention_gguf._lib import lib, llama_cpp_bindings as ll
+from triattention_gguf.centers import Centers, load_centers
+from triattention_gguf.compression import check_arguments, configure, stats
+from triattention_gguf.modelinfo import ModelFacts, model_context
+
+FULL = "none"
+
+
+@dataclass(frozen=True)
+class Config:
+    method: str
+    budget: int = 0  # 0 for the full cache
+
+    @property
+    def label(self) -> str:
+        return self.method if self.method == FULL else f"{self.method}@{self.budget}"
+
+
+def parse_budgets(specs: list[str], context: int) -> list[int]:
+    """Budgets as absolute cells ("1024") or fractions of the context ("1/4"), below the context."""
+    budgets = set()
+    for spec in specs:
+        match = re.fullmatch(r"\s*(\d+)\s*(?:/\s*(\d+))?\s*", spec)
+        if not match or int(match.group(1)) == 0 or (match.group(2) is not None and int(match.group(2)) == 0):
+            raise ValueError(f"budget {spec!r} is neither a number of cells (1024) nor a fraction of the context (1/4)")
+        n, d = int(match.group(1)), match.group(2)
+        budgets.add(context * n // int(d) if d else n)
+    return sorted(b for b in budgets if b < context)
+
+
+def configs_for(methods: list[str], budgets: list[int], divide_length: int) -> list[Config]:
+    out = []
+    for method in methods:
+        if method == FULL:
+            continue
+        for budget in budgets:
+            check_arguments(method, budget, divide_length, "per-head")
+            out.append(Config(method, budget))
+    return out
+
+
+class Runner:
+    """One llama_context of a Config on a shared llama_model*: decodes chunks at explicit
+    positions and returns their logits."""
+
+    def __init__(self, stack: contextlib.ExitStack, model, facts: ModelFacts, config: Config, n_ctx: int,
+                 divide_length: int, chunk: int, n_threads: int | None, centres: Centers | None, **overrides):
+        self.config, self.n_past, self.n_vocab = config, 0, ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(model))
+        compressing = config.method != FULL
+        physical = config.budget + divide_length + chunk if compressing else n_ctx
+        self.ctx = stack.enter_context(model_context(model, n_ctx=physical, n_threads=n_threads, n_ubatch=chunk,
+                                                     **overrides))
+        if compressing:
+            configure(self.ctx, config.method, config.budget, divide_length,
+                      centers=centres if config.method == "tri" else None)
+        self._batch = ll.llama_batch_init(chunk, 0, 1)
+        stack.callback(ll.llama_batch_free, self._batch)
+        self.chunk = chunk
+
+    def decode(self, tokens: list[int], logits: bool = True) -> np.ndarray | None:
+        """Decode tokens (at most one chunk) after those before; their logits [n, n_vocab] when asked
+        (else only the last token's logits are computed)."""
+        n = len(tokens)
+        assert 0 < n <= self.chunk
+        b = self._batch
+        for i, token in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i] = token, self.n_past + i, 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = logits or i == n - 1
+        b.n_tokens = n
+        rc = ll.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"{self.config.label}: llama_decode failed ({rc}): "
+                               f"{lib.triattention_last_error().decode()}")
+        self.n_past += n
+        rows = n if logits else 1
+        out = np.ctypeslib.as_array(ll.llama_get_logits(self.ctx), shape=(rows, self.n_vocab))
+        return out.copy() if logits else out[-1].copy()
+
+    def greedy(self, n: int) -> list[int]:
+        """n greedy tokens after what was decoded (the last decode's logits start it)."""
+        logits = np.ctypeslib.as_array(ll.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
+        out = []
+        for _ in range(n):
+            token = int(np.argmax(logits))
+            out.append(token)
+            logits = self.decode([token], logits=False)
+        return out
+
+    def reset(self) -> None:
+        """Empty the cache (compression records included): the next decode starts at position 0."""
+        ll.llama_memory_clear(ll.llama_get_memory(self.ctx), True)
+        self.n_past = 0
+
+    def stats(self) -> dict:
+        s = stats(self.ctx) if self.config.method != FULL else {"compressions": 0, "compress_seconds": 0.0}
+        info = lib.triattention_get_cache_info(self.ctx)
+        return {**s, "kv_bytes": info.bytes, "cells_capacity": info.cells_capacity}
+
+    def kept_positions(self) -> list[np.ndarray]:
+        """Per KV head, the positions that the compacted cells hold (empty before any compression)."""
+        size = lib.triattention_records_size(self.ctx)
+        buf = ctypes.create_string_buffer(size)
+        lib.triattention_records_get(self.ctx, buf, size)
+        rec = np.frombuffer(buf.raw, dtype=np.int32)
+        n_head_kv, n_cells = int(rec[0]), int(rec[1])
+        heads = rec[3 + n_cells:].reshape(n_head_kv, n_cells) if n_cells else np.zeros((0, 0), np.int32)
+        return [h[h >= 0] for h in heads]
+
+
+@contextlib.contextmanager
+def runners(model, facts: ModelFacts, configs: list[Config], n_ctx: int, divide_length: int, chunk: int,
+            n_threads: int | None = None, **full_overrides):
+    """A full-cache Runner (first; full_overrides set its context parameters) and one per config."""
+    centres = load_centers(facts) if any(c.method == "tri" for c in configs) else None
+    with contextlib.ExitStack() as stack:
+        full = Runner(stack, model, facts, Config(FULL), n_ctx, divide_length, chunk, n_threads, None, **full_overrides)
+        yield [full] + [Runner(stack, model, facts, c, n_ctx, divide_length, chunk, n_threads, centres)
+                        for c in configs]

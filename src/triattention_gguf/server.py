@@ -1,0 +1,473 @@
+"""`triattention-gguf serve`: an OpenAI-compatible HTTP server over one model with a compressed cache.
+
+One model per process. Requests run one at a time, in arrival order, on a single worker thread
+that alone touches the model; the event loop only parses, queues and streams. Between requests the
+cache keeps its (compressed) state, and a prompt that extends the history it represents continues
+from it (see Llama.generate). A client that disconnects stops its generation at the next token.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jinja2
+import llama_cpp
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from triattention_gguf.llama import Llama
+
+log = logging.getLogger("triattention_gguf.server")
+TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+_DONE = object()
+
+
+@dataclass
+class ServeConfig:
+    model: str
+    alias: str | None = None
+    kv_compress: str = "tri"
+    kv_budget: int = 4096
+    kv_divide_length: int = 128
+    n_ctx: int = 0  # 0: the model's trained context
+    n_gpu_layers: int = 0
+    threads: int | None = None
+    chat_format: str | None = None
+    api_key: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.alias or Path(self.model).name
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.code, self.param = status, kind, code, param
+
+
+def _error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")  # fields we do not use are ignored, as OpenAI's own SDKs send some
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    n: int = Field(1, ge=1, le=1)
+
+
+class ChatRequest(_Request):
+    messages: list[dict] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[int] | list[str]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("triattention_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("triattention_prompt_tokens", "prompt tokens of completed requests", registry=r)
+        self.prompt_reused = Counter("triattention_prompt_tokens_reused", "prompt tokens served from the cache",
+                                     registry=r)
+        self.completion_tokens = Counter("triattention_completion_tokens", "generated tokens", registry=r)
+        self.queue = Gauge("triattention_queue_depth", "requests waiting or running", registry=r)
+        self.cells_used = Gauge("triattention_kv_cells_used", "KV cells in use", registry=r)
+        self.cells_capacity = Gauge("triattention_kv_cells_capacity", "physical KV cells", registry=r)
+        self.kv_bytes = Gauge("triattention_kv_bytes", "KV cache bytes allocated", registry=r)
+        self.logical = Gauge("triattention_logical_tokens", "tokens of the conversation the cache represents",
+                             registry=r)
+        self.compressions = Gauge("triattention_compressions_total", "compressions since start", registry=r)
+        self.compress_seconds = Gauge("triattention_compress_seconds_total", "seconds spent compressing", registry=r)
+
+    def observe_cache(self, kv: dict) -> None:
+        self.cells_used.set(kv["cells_used"])
+        self.cells_capacity.set(kv["cells_capacity"])
+        self.kv_bytes.set(kv["kv_bytes"])
+        self.logical.set(kv["logical_pos"])
+        self.compressions.set(kv["compressions"])
+        self.compress_seconds.set(kv["compress_seconds"])
+
+
+class Engine:
+    """The model, its single worker thread, and what the server counts."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.llm = Llama(config.model, kv_compress=config.kv_compress, kv_budget=config.kv_budget,
+                         kv_divide_length=config.kv_divide_length, n_ctx=config.n_ctx,
+                         n_gpu_layers=config.n_gpu_layers, n_threads=config.threads, chat_format=config.chat_format,
+                         verbose=False)
+        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.metrics = Metrics()
+        self.metrics.observe_cache(self.kv_stats())
+        self.sampled = 0
+
+    def kv_stats(self) -> dict:
+        return self.llm.kv_stats()
+
+    @property
+    def chat_template(self) -> str:
+        return self.llm.metadata.get("tokenizer.chat_template", "")
+
+    def stopper(self, cancel: threading.Event) -> llama_cpp.LogitsProcessorList:
+        """Counts sampled tokens; once cancel is set, leaves the end-of-generation token as the only
+        choice (llama-cpp-python's chat API takes logits processors, not stopping criteria)."""
+        eos = self.llm.token_eos()
+
+        def process(_ids, logits):
+            self.sampled += 1
+            if cancel.is_set():
+                logits[:] = -float("inf")
+                logits[eos] = 0.0
+            return logits
+
+        return llama_cpp.LogitsProcessorList([process])
+
+    async def run(self, job: Callable[[], Any]) -> Any:
+        """Run job on the model's thread after the requests queued before it."""
+        self.metrics.queue.inc()
+        try:
+            return await asyncio.wrap_future(self.worker.submit(job))
+        finally:
+            self.metrics.queue.dec()
+
+    def stream(self, make: Callable[[], Iterator[dict]], cancel: threading.Event) -> asyncio.Queue:
+        """Iterate make() on the model's thread; its items (then an exception or _DONE) arrive on a queue."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        put = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
+
+        def job() -> None:
+            try:
+                if not cancel.is_set():  # the client may have left while queued
+                    for item in make():
+                        put(item)
+                        if cancel.is_set():
+                            break
+            except Exception as err:  # noqa: BLE001 - handed to the event loop, which answers the client
+                put(err)
+            finally:
+                put(_DONE)
+
+        self.metrics.queue.inc()
+        self.worker.submit(job).add_done_callback(lambda _: self.metrics.queue.dec())
+        return queue
+
+
+def _parse_tool_calls(message: dict) -> bool:
+    """Turn <tool_call>{"name", "arguments"}</tool_call> blocks (Hermes/Qwen templates) of a message's
+    content into OpenAI tool_calls; True when there were any."""
+    text = message.get("content") or ""
+    calls = []
+    for block in TOOL_CALL.findall(text):
+        try:
+            call = json.loads(block)
+            name, arguments = call["name"], call.get("arguments", {})
+        except (ValueError, KeyError, TypeError):
+            continue
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": name, "arguments": json.dumps(arguments)}})
+    if calls:
+        message["tool_calls"] = calls
+        message["content"] = TOOL_CALL.sub("", text).strip() or None
+    return bool(calls)
+
+
+def _for_template(messages: list[dict], template: str) -> list[dict]:
+    """Messages as every chat template can render them: content always present, and an assistant's
+    tool calls written into its content (as <tool_call> blocks) when the template has no tool_calls."""
+    out = []
+    for message in messages:
+        message = {**message, "content": message.get("content") or ""}
+        if message.get("tool_calls") and "tool_calls" not in template:
+            calls = "".join(f"<tool_call>\n{json.dumps({'name': c['function']['name'], 'arguments': json.loads(c['function'].get('arguments') or '{}')})}\n</tool_call>"
+                            for c in message["tool_calls"])
+            message["content"] = (message["content"] + "\n" + calls).strip()
+        out.append(message)
+    return out
+
+
+def _response_format(spec: dict | None) -> dict | None:
+    """OpenAI's response_format in llama-cpp-python's terms (json_object, with a schema if given)."""
+    if spec is None or spec.get("type") == "text":
+        return None
+    if spec.get("type") == "json_object":
+        return {"type": "json_object"}
+    if spec.get("type") == "json_schema":
+        return {"type": "json_object", "schema": (spec.get("json_schema") or {}).get("schema", {})}
+    raise ApiError(400, f"response_format type {spec.get('type')!r} is not supported; use text, json_object or "
+                        "json_schema", param="response_format")
+
+
+def _sse(item: dict | str) -> str:
+    return f"data: {item if isinstance(item, str) else json.dumps(item)}\n\n"
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    engine = Engine(config)
+    app = FastAPI(title="triattention-gguf", version="0.1")
+    app.state.engine = engine
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, err: ApiError):
+        return JSONResponse(_error_body(str(err), err.kind, err.code, err.param), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, err: RequestValidationError):
+        first = err.errors()[0]
+        if first.get("type") == "json_invalid":
+            return JSONResponse(_error_body(f"the request body is not valid JSON ({first.get('ctx', {}).get('error')})",
+                                            "invalid_request_error"), status_code=400)
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first.get('msg')}" if where else first.get("msg", "invalid request")
+        return JSONResponse(_error_body(message, "invalid_request_error", param=where or None), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_request: Request, err: HTTPException):
+        return JSONResponse(_error_body(str(err.detail), "invalid_request_error"), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, err: Exception):
+        log.exception("unexpected error")
+        return JSONResponse(_error_body(f"internal error: {type(err).__name__}: {err}", "server_error"),
+                            status_code=500)
+
+    @app.middleware("http")
+    async def _gate_and_count(request: Request, call_next):
+        if config.api_key and request.url.path != "/health" and \
+                request.headers.get("authorization") != f"Bearer {config.api_key}":
+            response = JSONResponse(_error_body("missing or wrong API key (Authorization: Bearer ...)",
+                                                "invalid_request_error", code="invalid_api_key"), status_code=401)
+        else:
+            response = await call_next(request)
+        engine.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    def check_model(name: str | None) -> None:
+        if name not in (None, "", config.name, Path(config.model).name, config.model):
+            raise ApiError(404, f"model {name!r} is not served here; this server serves {config.name!r}",
+                           code="model_not_found", param="model")
+
+    async def watch_disconnect(request: Request, cancel: threading.Event) -> None:
+        while not cancel.is_set():
+            if await request.is_disconnected():
+                cancel.set()
+            await asyncio.sleep(0.2)
+
+    def account(kind: str, started: float, before: dict, completion_tokens: int) -> dict:
+        prompt = engine.llm.prompt_reuse()
+        kv = engine.kv_stats()
+        m = engine.metrics
+        m.prompt_tokens.inc(prompt["tokens"])
+        m.prompt_reused.inc(prompt["reused"])
+        m.completion_tokens.inc(completion_tokens)
+        m.observe_cache(kv)
+        log.info("%s prompt=%d reused=%d completion=%d compressions=+%d cells=%d/%d logical=%d %.2fs", kind,
+                 prompt["tokens"], prompt["reused"], completion_tokens, kv["compressions"] - before["compressions"],
+                 kv["cells_used"], kv["cells_capacity"], kv["logical_pos"], time.perf_counter() - started)
+        return {"prompt_tokens": prompt["tokens"], "completion_tokens": completion_tokens,
+                "total_tokens": prompt["tokens"] + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": prompt["reused"]}}
+
+    async def respond(request: Request, body: _Request, kind: str, call: Callable[..., Any], tools_auto: bool):
+        """Run call(stream, stopping_criteria) and answer as JSON or server-sent events."""
+        cancel, started = threading.Event(), time.perf_counter()
+        state = {}
+
+        def begin() -> None:
+            state["before"] = engine.kv_stats()
+            state["sampled"] = engine.sampled
+
+        def generated() -> int:
+            return engine.sampled - state["sampled"]
+
+        if not body.stream or tools_auto:
+            def job():
+                begin()
+                if cancel.is_set():
+                    return None
+                result = call(False, engine.stopper(cancel))
+                if tools_auto and _parse_tool_calls(result["choices"][0]["message"]):
+                    result["choices"][0]["finish_reason"] = "tool_calls"
+                result["usage"] = account(kind, started, state["before"], result["usage"]["completion_tokens"])
+                return result
+
+            watcher = asyncio.create_task(watch_disconnect(request, cancel))
+            try:
+                result = await engine.run(job)
+            except (ValueError, jinja2.TemplateError) as err:  # a prompt longer than n_ctx, messages the
+                raise ApiError(400, str(err)) from err                # template cannot render, ...
+            finally:
+                cancel.set()
+                watcher.cancel()
+            if result is None:
+                raise ApiError(400, "the request was cancelled")
+            if not body.stream:
+                return JSONResponse(result)
+            items = iter(_as_chunks(result, body))
+        else:
+            def make():
+                begin()
+                yield from call(True, engine.stopper(cancel))
+
+            queue = engine.stream(make, cancel)
+            first = await queue.get()  # errors in the prompt (too long, ...) still get a status code
+            if isinstance(first, (ValueError, jinja2.TemplateError)):
+                await queue.get()  # _DONE
+                raise ApiError(400, str(first))
+            if isinstance(first, Exception):
+                await queue.get()
+                raise first
+            if first is _DONE:
+                raise ApiError(400, "the request was cancelled")
+            items = None
+
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+        async def events():
+            try:
+                item, last = (_DONE, None) if items is not None else (first, None)
+                for chunk in items or ():
+                    yield _sse(chunk)
+                while item is not _DONE:
+                    if isinstance(item, Exception):
+                        yield _sse(_error_body(str(item), "server_error"))
+                        break
+                    last = item
+                    yield _sse(item)
+                    item = await queue.get()
+                if include_usage and last is not None:
+                    usage = await engine.run(lambda: account(kind, started, state["before"], generated()))
+                    yield _sse({"id": last["id"], "object": last["object"], "created": last["created"],
+                                "model": last["model"], "choices": [], "usage": usage})
+                elif last is not None:
+                    await engine.run(lambda: account(kind, started, state["before"], generated()))
+            finally:
+                cancel.set()
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        check_model(body.model)
+        fmt = _response_format(body.response_format)
+        tools = body.tools if body.tool_choice != "none" else None
+        forced = isinstance(body.tool_choice, dict)
+        if forced and not any(t.get("function", {}).get("name") == body.tool_choice.get("function", {}).get("name")
+                              for t in tools or []):
+            raise ApiError(400, "tool_choice names a function that is not in tools", param="tool_choice")
+
+        def call(stream: bool, stopping):
+            return engine.llm.create_chat_completion(
+                messages=_for_template(body.messages, engine.chat_template), tools=tools, tool_choice=body.tool_choice if forced else None,
+                max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
+                top_p=body.top_p, seed=body.seed, stop=body.stop, stream=stream, response_format=fmt,
+                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                logits_processor=stopping, model=config.name)
+
+        return await respond(request, body, "chat", call, tools_auto=bool(tools) and not forced)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ApiError(400, "one prompt per request", param="prompt")
+            prompt = prompt[0]
+
+        def call(stream: bool, stopping):
+            return engine.llm.create_completion(
+                prompt=prompt, max_tokens=body.max_tokens or 16, temperature=body.temperature, top_p=body.top_p,
+                seed=body.seed, stop=body.stop, stream=stream, echo=body.echo, logprobs=body.logprobs,
+                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                logits_processor=stopping, model=config.name)
+
+        return await respond(request, body, "completion", call, tools_auto=False)
+
+    def model_list():
+        return {"object": "list", "data": [{"id": config.name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "triattention-gguf"}]}
+
+    app.get("/v1/models")(model_list)
+    app.get("/models")(model_list)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/props")
+    async def props():
+        template = engine.chat_template
+        return {
+            "default_generation_settings": {"n_ctx": engine.llm.n_ctx(), "model": config.model,
+                                            "params": {"temperature": 1.0, "top_p": 1.0}},
+            "total_slots": 1,
+            "model_path": config.model,
+            "model_alias": config.name,
+            "chat_template": template,
+            "chat_template_caps": {"supports_tools": "tools" in template,
+                                   "supports_tool_calls": "tool_calls" in template or "<tool_call>" in template,
+                                   "supports_parallel_tool_calls": False},
+            "kv_compress": {"method": config.kv_compress, "budget": config.kv_budget,
+                            "divide_length": config.kv_divide_length, **engine.kv_stats()},
+        }
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(generate_latest(engine.metrics.registry).decode(),
+                                 media_type="text/plain; version=0.0.4")
+
+    kv = engine.kv_stats()
+    full = kv["kv_bytes"] * engine.llm.n_ctx() // max(1, kv["cells_capacity"])
+    log.info("serving %s as %r: n_ctx %d, kv_compress %s, budget %d: %d KV cells, %.1f MiB (a full cache of "
+             "n_ctx would take %.1f MiB)", config.model, config.name, engine.llm.n_ctx(), config.kv_compress,
+             config.kv_budget, kv["cells_capacity"], kv["kv_bytes"] / 2**20, full / 2**20)
+    return app
+
+
+def _as_chunks(result: dict, body: _Request) -> Iterator[dict]:
+    """A finished chat completion as the chunks a stream would have carried."""
+    base = {"id": result["id"], "object": "chat.completion.chunk", "created": result["created"],
+            "model": result["model"]}
+    choice = result["choices"][0]
+    message = choice["message"]
+    delta = {"role": "assistant", "content": message.get("content")}
+    if message.get("tool_calls"):
+        delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+    yield {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+    yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]}
+    if (body.stream_options or {}).get("include_usage"):
+        yield {**base, "choices": [], "usage": result["usage"]}

@@ -1,0 +1,63 @@
+"""`triattention-gguf eval` and `bench`, CI-sized, on SmolLM2: structure and sanity, no timings."""
+import json
+
+import pytest
+
+from triattention_gguf.cli import main
+
+METHODS = ["none", "tri", "streaming", "knorm", "random", "snapkv"]
+
+
+@pytest.fixture(scope="module")
+def centred(smollm2_centred):
+    return smollm2_centred
+
+
+def test_eval_compares_every_method_with_the_full_cache(centred, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", centred, "--tokens", "640", "--budgets", "1/4", "--retrieval-tokens", "512",
+                 "--retrieval-trials", "1", "--recall-checkpoints", "2", "--threads", "2", "--quiet",
+                 "--out", str(out)]) == 0
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    assert sorted(r["method"] for r in rows) == sorted(METHODS)
+    assert (out / "eval.md").read_text().count("\n") == len(rows) + 2
+    assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| tri | 160 |" in capsys.readouterr().out
+    by = {r["method"]: r for r in rows}
+    assert by["none"]["kl"] == 0.0 and by["none"]["top1"] == 1.0 and by["none"]["recall"] == 1.0
+    for method in METHODS[1:]:
+        row = by[method]
+        assert row["budget"] == 160 and row["compressions"] > 0, row
+        assert row["kl"] > 0 and 0 < row["top1"] < 1 and 0 < row["recall"] < 1, row
+        assert row["ppl_full"] == by["none"]["ppl"]
+        assert row["passkey"] in (0.0, 1.0) and row["own_output"] in (0.0, 1.0)
+    assert by["tri"]["kl"] < 0.3 and by["tri"]["top1"] > 0.8  # generous: 135M model, 1/4 of 640 tokens
+    assert by["random"]["kl"] > by["tri"]["kl"]
+
+
+def test_bench_measures_every_method_next_to_the_full_cache(centred, tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", centred, "--lengths", "768", "--budgets", "128", "--rounds", "2", "--decode-tokens", "8",
+                 "--threads", "2", "--quiet", "--out", str(out)]) == 0
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert sorted(r["method"] for r in rows) == sorted(METHODS)
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    full = next(r for r in rows if r["method"] == "none")
+    assert full["decode_vs_full"] == 1.0 and full["compressions"] == 0
+    for row in rows:
+        assert row["length"] == 768 and row["prefill_tps"] > 0 and row["decode_tps_min"] > 0
+        assert row["decode_tps_min"] <= row["decode_tps_median"]
+        if row["method"] != "none":
+            assert row["compressions"] > 0 and row["compress_ms"] > 0
+            assert row["kv_bytes"] < full["kv_bytes"] and row["kv_vs_full"] > 1
+
+
+def test_bad_arguments_are_usage_errors(centred, tmp_path, capsys):
+    assert main(["eval", centred, "--budgets", "1/0", "--out", str(tmp_path)]) == 2
+    assert "neither a number of cells" in capsys.readouterr().err
+    assert main(["eval", centred, "--chunk", "256", "--out", str(tmp_path)]) == 2
+    assert "larger than --divide-length" in capsys.readouterr().err
+    assert main(["bench", centred, "--lengths", "2k", "--out", str(tmp_path)]) == 2
+    assert "comma-separated numbers" in capsys.readouterr().err
+    assert main(["eval", centred, "--methods", "none,snap", "--out", str(tmp_path)]) == 2
+    assert "unknown kv_compress 'snap'" in capsys.readouterr().err

@@ -1,0 +1,187 @@
+"""`triattention-gguf serve`: a real server on 127.0.0.1, real clients (the openai package, httpx)."""
+import concurrent.futures
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+BUDGET = 256
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_factory(smollm2_centred, tmp_path_factory):
+    procs = []
+
+    def start(*extra: str) -> str:
+        port = _free_port()
+        log = open(tmp_path_factory.mktemp("server") / "log.txt", "w+")
+        proc = subprocess.Popen([sys.executable, "-m", "triattention_gguf.cli", "serve", smollm2_centred,
+                                 "--port", str(port), "--alias", "smol", "--kv-budget", str(BUDGET),
+                                 "--kv-divide-length", "64", "--n-ctx", "8192", "--threads", "2", *extra],
+                                stdout=log, stderr=subprocess.STDOUT)
+        procs.append((proc, log))
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    return base
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"server exited: {log.read()}")
+            time.sleep(0.1)
+        raise RuntimeError("server did not start")
+
+    yield start
+    for proc, log in procs:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def base(server_factory):
+    return server_factory()
+
+
+@pytest.fixture
+def client(base):
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=600)
+
+
+def _metric(base: str, name: str) -> float:
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def test_chat_models_and_completions(client):
+    assert [m.id for m in client.models.list().data] == ["smol"]
+    messages = [{"role": "user", "content": "Name a colour."}]
+    reply = client.chat.completions.create(model="smol", messages=messages, max_tokens=12, temperature=0)
+    text = reply.choices[0].message.content
+    assert text and reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 5
+    stream = client.chat.completions.create(model="smol", messages=messages, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same prompt again: reused
+    done = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert done.choices[0].text and done.usage.prompt_tokens == 5
+
+
+def test_tool_call_round_trip(client):
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    reply = client.chat.completions.create(model="smol", messages=messages, tools=[WEATHER], max_tokens=64,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    call = reply.choices[0].message.tool_calls[0]
+    assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    messages += [reply.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 21})}]
+    answer = client.chat.completions.create(model="smol", messages=messages, tools=[WEATHER], max_tokens=24)
+    choice = answer.choices[0]
+    assert choice.message.content or choice.message.tool_calls  # the model decides; the protocol holds
+    streamed = list(client.chat.completions.create(model="smol", messages=messages[:1], tools=[WEATHER],
+                                                   max_tokens=64, stream=True,
+                                                   tool_choice={"type": "function", "function": {"name": "get_weather"}}))
+    deltas = [tc for c in streamed if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas and deltas[0].function.name == "get_weather"
+    assert json.loads("".join(d.function.arguments or "" for d in deltas))["city"]
+
+
+def test_long_agent_conversation_reuses_the_compressed_cache(base, client):
+    system = "You are a terse assistant. Notes for the session follow.\n" + ("Keep answers short. " * 60)
+    messages = [{"role": "system", "content": system}]
+    reused_before, compressions_before = _metric(base, "triattention_prompt_tokens_reused_total"), \
+        _metric(base, "triattention_compressions_total")
+    read = []
+    for turn in range(20):
+        messages.append({"role": "user", "content": f"Step {turn}: give one word for a kind of weather."})
+        reply = client.chat.completions.create(model="smol", messages=messages, max_tokens=16, temperature=0)
+        assert reply.choices[0].message.content is not None
+        messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+        usage = reply.usage
+        read.append(usage.prompt_tokens - usage.prompt_tokens_details.cached_tokens)
+    props = httpx.get(f"{base}/props").json()
+    assert props["kv_compress"]["logical_pos"] > 3 * BUDGET  # the conversation outgrew the budget
+    assert _metric(base, "triattention_compressions_total") > compressions_before
+    assert _metric(base, "triattention_prompt_tokens_reused_total") - reused_before > 10 * usage.prompt_tokens
+    assert max(read[1:]) < 60, read  # each turn reads its new message (and the re-tokenized tail), not the history
+
+
+def test_concurrent_clients_get_their_own_answers(base):
+    def ask(i: int) -> tuple[int, str, int]:
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=600)
+        prompt = "Count: " + " ".join(str(n) for n in range(i % 8 + 1))
+        r = c.completions.create(model="smol", prompt=prompt, max_tokens=4, temperature=0)
+        return i % 8, r.choices[0].text, r.usage.prompt_tokens
+
+    sequential = {k: ask(k)[1:] for k in range(8)}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(ask, range(80)))
+    assert len(results) == 80
+    for key, text, prompt_tokens in results:
+        assert (text, prompt_tokens) == sequential[key]
+
+
+def test_a_client_that_leaves_frees_the_slot(base, client):
+    with httpx.stream("POST", f"{base}/v1/chat/completions", timeout=600, json={
+            "model": "smol", "max_tokens": 4000, "stream": True,
+            "messages": [{"role": "user", "content": "Write a very long story."}]}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"content"' in line:
+                break  # leave after the first token
+    start = time.perf_counter()
+    reply = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert reply.choices[0].message.content is not None
+    assert time.perf_counter() - start < 60  # not behind 4000 abandoned tokens (~30 tokens/s here)
+    assert _metric(base, "triattention_queue_depth") == 0
+
+
+def test_bad_requests_get_clear_4xx(base, client, server_factory):
+    bad_json = httpx.post(f"{base}/v1/chat/completions", content=b"{bad", headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=-1)
+    with pytest.raises(openai.BadRequestError, match="exceed context window"):
+        client.completions.create(model="smol", prompt="word " * 9000, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="exceed context window"):
+        list(client.completions.create(model="smol", prompt="word " * 9000, max_tokens=4, stream=True))
+    locked = server_factory("--api-key", "sesame")
+    assert httpx.get(f"{locked}/health").status_code == 200
+    with pytest.raises(openai.AuthenticationError, match="API key"):
+        openai.OpenAI(base_url=f"{locked}/v1", api_key="wrong").models.list()
+    assert openai.OpenAI(base_url=f"{locked}/v1", api_key="sesame").models.list().data[0].id == "smol"
+    assert httpx.get(f"{locked}/metrics").status_code == 401
+
+
+def test_props_and_metrics_describe_the_server(base):
+    props = httpx.get(f"{base}/props").json()
+    assert props["default_generation_settings"]["n_ctx"] == 8192 and props["model_alias"] == "smol"
+    assert "<|im_start|>" in props["chat_template"] and props["total_slots"] == 1
+    assert props["kv_compress"]["method"] == "tri" and props["kv_compress"]["cells_capacity"] < 8192
+    text = httpx.get(f"{base}/metrics").text
+    for name in ("triattention_requests_total", "triattention_prompt_tokens_reused_total",
+                 "triattention_kv_cells_used", "triattention_kv_cells_capacity", "triattention_compressions_total",
+                 "triattention_compress_seconds_total"):
+        assert f"\n{name}" in text, name
