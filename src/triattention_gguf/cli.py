@@ -124,6 +124,13 @@ def _strip_centers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fill_defaults(args: argparse.Namespace, quick: dict, full: dict) -> None:
+    """Options left unset take their --quick or their full-run value."""
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 EVAL_COLUMNS = ["model", "method", "budget", "fraction", "kl", "top1", "ppl", "ppl_full", "recall", "passkey",
                 "own_output", "compressions"]
 
@@ -134,13 +141,10 @@ def _eval(args: argparse.Namespace) -> int:
     from triattention_gguf.report import markdown_table, plot_lines, write_outputs
 
     _quiet_llama(args.verbose)
-    defaults = (dict(tokens=1024, budgets="1/4,256", retrieval_tokens=768, retrieval_trials=1, recall_checkpoints=2)
-                if args.quick else
-                dict(tokens=8192, budgets="1/2,1/4,1/8,1/16,256,512,1024,2048", retrieval_tokens=2048,
-                     retrieval_trials=3, recall_checkpoints=4))
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    _fill_defaults(args, dict(tokens=1024, budgets="1/4,256", retrieval_tokens=768, retrieval_trials=1,
+                              recall_checkpoints=2),
+                   dict(tokens=8192, budgets="1/2,1/4,1/8,1/16,256,512,1024,2048", retrieval_tokens=2048,
+                        retrieval_trials=3, recall_checkpoints=4))
     if args.chunk > args.divide_length:
         raise UsageError(f"--chunk {args.chunk} is larger than --divide-length {args.divide_length}: compression "
                          "would not happen as it does while decoding")
@@ -171,11 +175,8 @@ def _bench(args: argparse.Namespace) -> int:
     from triattention_gguf.report import markdown_table, plot_lines, write_outputs
 
     _quiet_llama(args.verbose)
-    defaults = (dict(lengths="1024,2048", budgets="256,512", rounds=2, decode_tokens=16) if args.quick else
-                dict(lengths="2048,8192,16384,32768", budgets="512,1024,2048", rounds=3, decode_tokens=32))
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    _fill_defaults(args, dict(lengths="1024,2048", budgets="256,512", rounds=2, decode_tokens=16),
+                   dict(lengths="2048,8192,16384,32768", budgets="512,1024,2048", rounds=3, decode_tokens=32))
     try:
         lengths = [int(x) for x in args.lengths.split(",")]
         budgets = [int(x) for x in args.budgets.split(",")]
@@ -251,42 +252,38 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     inspect.set_defaults(func=_inspect)
 
+    def measure_options(p: argparse.ArgumentParser, name: str, quick: str) -> None:
+        p.add_argument("model", nargs="+", help="GGUF model file(s); tri needs centres (embed-centers)")
+        p.add_argument("--text", action="append", help="text file (repeatable; default: Python's documentation)")
+        p.add_argument("--divide-length", type=_positive, default=128)
+        p.add_argument("--threads", type=_positive, default=None)
+        p.add_argument("--out", default=f"{name}-results", help=f"folder for {name}.md, {name}.json, {name}.png")
+        p.add_argument("--quick", action="store_true", help=f"a CI-sized run ({quick})")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+
     ev = sub.add_parser("eval", help="quality under compression against the full cache: KL, top-1, perplexity, "
                                      "attention recall, retrieval; table, JSON and plot")
-    ev.add_argument("model", nargs="+", help="GGUF model file(s); tri needs centres (embed-centers)")
+    measure_options(ev, "eval", "1024 tokens, budgets 1/4 and 256")
     ev.add_argument("--methods", default="none,tri,streaming,knorm,random,snapkv")
     ev.add_argument("--budgets", default=None, help="cells (1024) or fractions of the text (1/4), comma-separated "
                                                      "(default 1/2,1/4,1/8,1/16,256,512,1024,2048)")
     ev.add_argument("--tokens", type=_positive, default=None, help="tokens of text to evaluate (default 8192)")
-    ev.add_argument("--text", action="append", help="text file (repeatable; default: Python's documentation)")
-    ev.add_argument("--divide-length", type=_positive, default=128)
     ev.add_argument("--chunk", type=_positive, default=32, help="tokens fed at a time (<= divide-length)")
     ev.add_argument("--retrieval-tokens", type=_positive, default=None, help="context of retrieval prompts (default 2048)")
     ev.add_argument("--retrieval-trials", type=int, default=None, help="prompts per retrieval task, 0 for none (default 3)")
     ev.add_argument("--recall-checkpoints", type=_positive, default=None, help="chunks where recall is measured (default 4)")
-    ev.add_argument("--threads", type=_positive, default=None)
-    ev.add_argument("--out", default="eval-results", help="folder for eval.md, eval.json, eval.png")
-    ev.add_argument("--quick", action="store_true", help="a CI-sized run (1024 tokens, budgets 1/4 and 256)")
-    ev.add_argument("--quiet", action="store_true", help="no progress bars")
-    ev.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     ev.set_defaults(func=_eval)
 
     be = sub.add_parser("bench", help="decode and prefill speed, compression time and memory of every method "
                                       "next to the full cache; table, JSON and plot")
-    be.add_argument("model", nargs="+", help="GGUF model file(s); tri needs centres (embed-centers)")
+    measure_options(be, "bench", "lengths 1024 and 2048, budgets 256 and 512")
     be.add_argument("--methods", default="tri,streaming,knorm,random,snapkv", help="compared with the full cache")
     be.add_argument("--budgets", default=None, help="comma-separated cells (default 512,1024,2048)")
     be.add_argument("--lengths", default=None, help="logical lengths in tokens (default 2048,8192,16384,32768, "
                                                      "up to the model's trained context)")
     be.add_argument("--decode-tokens", type=_positive, default=None, help="tokens per decode round (default 32)")
     be.add_argument("--rounds", type=_positive, default=None, help="interleaved decode rounds (default 3)")
-    be.add_argument("--divide-length", type=_positive, default=128)
-    be.add_argument("--text", action="append", help="text file (repeatable; default: Python's documentation)")
-    be.add_argument("--threads", type=_positive, default=None)
-    be.add_argument("--out", default="bench-results", help="folder for bench.md, bench.json, bench.png")
-    be.add_argument("--quick", action="store_true", help="a CI-sized run (lengths 1024 and 2048, budgets 256 and 512)")
-    be.add_argument("--quiet", action="store_true", help="no progress bars")
-    be.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     be.set_defaults(func=_bench)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible server (chat, completions, tools, streaming) over "

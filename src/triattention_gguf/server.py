@@ -204,12 +204,26 @@ def _parse_tool_calls(message: dict) -> bool:
     return bool(calls)
 
 
+def _text_of(content: str | list | None) -> str:
+    """A message's content as text: OpenAI's list of parts (which agents such as OpenClaw send) joined."""
+    if not isinstance(content, list):
+        return content or ""
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("text", "input_text"):
+            raise ApiError(400, f"message content of type {kind!r} is not supported: this server takes text",
+                           param="messages")
+        texts.append(part.get("text") or "")
+    return "\n".join(texts)
+
+
 def _for_template(messages: list[dict], template: str) -> list[dict]:
-    """Messages as every chat template can render them: content always present, and an assistant's
+    """Messages as every chat template can render them: content always text, and an assistant's
     tool calls written into its content (as <tool_call> blocks) when the template has no tool_calls."""
     out = []
     for message in messages:
-        message = {**message, "content": message.get("content") or ""}
+        message = {**message, "content": _text_of(message.get("content"))}
         if message.get("tool_calls") and "tool_calls" not in template:
             calls = "".join(f"<tool_call>\n{json.dumps({'name': c['function']['name'], 'arguments': json.loads(c['function'].get('arguments') or '{}')})}\n</tool_call>"
                             for c in message["tool_calls"])
