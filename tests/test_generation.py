@@ -1,5 +1,4 @@
 """A real model generates through our library exactly as llama.cpp's own greedy loop does."""
-import ctypes
 
 import numpy as np
 import pytest
