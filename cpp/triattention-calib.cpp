@@ -4,6 +4,7 @@
 // its input as src[0]; that input was computed (and copied here) before the ROPE ran, so the
 // copy is exactly the query fed to RoPE, even when the allocator lets RoPE work in place.
 #include "triattention.h"
+#include "triattention-impl.h"
 #include "triattn-pairs.h"
 
 #include "llama-model.h"
@@ -41,12 +42,12 @@ struct triattention_calib {
     int pairs() const { return head_dim / 2; }
 };
 
-static int layer_of(const char * name) {
+int triattention_layer_of(const char * name) {
     const char * dash = std::strrchr(name, '-');
     return dash ? std::atoi(dash + 1) : -1;
 }
 
-static bool is_query_rope(const ggml_tensor * t) {
+bool triattention_is_query_rope(const ggml_tensor * t) {
     return t->op == GGML_OP_ROPE && std::strncmp(t->name, "Qcur-", 5) == 0;
 }
 
@@ -101,7 +102,7 @@ static bool calib_callback(ggml_tensor * t, bool ask, void * user_data) {
     if (std::strncmp(t->name, "Qcur", 4) != 0) {
         return false;
     }
-    if (!is_query_rope(t)) {
+    if (!triattention_is_query_rope(t)) {
         // A candidate input of the query RoPE: copy it once it is computed.
         if (!ask) {
             captured & slot = c.pending[t];
@@ -111,7 +112,7 @@ static bool calib_callback(ggml_tensor * t, bool ask, void * user_data) {
         }
         return true;
     }
-    const int il = layer_of(t->name);
+    const int il = triattention_layer_of(t->name);
     if (ask) {
         auto it = c.pending.find(t->src[0]);
         if (il < 0 || il >= c.n_layer) {

@@ -18,7 +18,6 @@
 #include <cstring>
 #include <cmath>
 #include <complex>
-#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <numeric>
@@ -446,14 +445,14 @@ bool compact(llama_context * ctx, state & st, llama_kv_cache * kv, const std::ve
 
 // snapkv's eval callback: keep the last SNAP_WINDOW tokens of each layer's post-RoPE query.
 bool snapkv_observe(ggml_tensor * t, bool ask, void * user_data) {
-    if (t->op != GGML_OP_ROPE || std::strncmp(t->name, "Qcur-", 5) != 0) {
+    if (!triattention_is_query_rope(t)) {
         return false;
     }
     if (ask) {
         return true;
     }
     auto & st = *static_cast<state *>(user_data);
-    const int il = std::atoi(t->name + 5);
+    const int il = triattention_layer_of(t->name);
     if (il < 0 || il >= (int) st.windows.size() || t->type != GGML_TYPE_F32 || t->nb[0] != sizeof(float)) {
         return true;
     }

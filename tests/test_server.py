@@ -1,74 +1,28 @@
 """`triattention-gguf serve`: a real server on 127.0.0.1, real clients (the openai package, httpx)."""
 import concurrent.futures
 import json
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
+from conftest import metric
 
 BUDGET = 256
+SMOL = ("--alias", "smol", "--kv-budget", str(BUDGET), "--kv-divide-length", "64", "--n-ctx", "8192", "--threads", "2")
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server_factory(smollm2_centred, tmp_path_factory):
-    procs = []
-
-    def start(*extra: str) -> str:
-        port = _free_port()
-        log = open(tmp_path_factory.mktemp("server") / "log.txt", "w+")
-        proc = subprocess.Popen([sys.executable, "-m", "triattention_gguf.cli", "serve", smollm2_centred,
-                                 "--port", str(port), "--alias", "smol", "--kv-budget", str(BUDGET),
-                                 "--kv-divide-length", "64", "--n-ctx", "8192", "--threads", "2", *extra],
-                                stdout=log, stderr=subprocess.STDOUT)
-        procs.append((proc, log))
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    return base
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"server exited: {log.read()}")
-            time.sleep(0.1)
-        raise RuntimeError("server did not start")
-
-    yield start
-    for proc, log in procs:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def base(server_factory):
-    return server_factory()
+def base(server_factory, smollm2_centred):
+    return server_factory(smollm2_centred, *SMOL)
 
 
 @pytest.fixture
 def client(base):
     return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=600)
-
-
-def _metric(base: str, name: str) -> float:
-    for line in httpx.get(f"{base}/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise KeyError(name)
 
 
 def test_chat_models_and_completions(client):
@@ -110,8 +64,8 @@ def test_tool_call_round_trip(client):
 def test_long_agent_conversation_reuses_the_compressed_cache(base, client):
     system = "You are a terse assistant. Notes for the session follow.\n" + ("Keep answers short. " * 60)
     messages = [{"role": "system", "content": system}]
-    reused_before, compressions_before = _metric(base, "triattention_prompt_tokens_reused_total"), \
-        _metric(base, "triattention_compressions_total")
+    reused_before, compressions_before = metric(base, "triattention_prompt_tokens_reused_total"), \
+        metric(base, "triattention_compressions_total")
     read = []
     for turn in range(20):
         messages.append({"role": "user", "content": f"Step {turn}: give one word for a kind of weather."})
@@ -122,8 +76,8 @@ def test_long_agent_conversation_reuses_the_compressed_cache(base, client):
         read.append(usage.prompt_tokens - usage.prompt_tokens_details.cached_tokens)
     props = httpx.get(f"{base}/props").json()
     assert props["kv_compress"]["logical_pos"] > 3 * BUDGET  # the conversation outgrew the budget
-    assert _metric(base, "triattention_compressions_total") > compressions_before
-    assert _metric(base, "triattention_prompt_tokens_reused_total") - reused_before > 10 * usage.prompt_tokens
+    assert metric(base, "triattention_compressions_total") > compressions_before
+    assert metric(base, "triattention_prompt_tokens_reused_total") - reused_before > 10 * usage.prompt_tokens
     assert max(read[1:]) < 60, read  # each turn reads its new message (and the re-tokenized tail), not the history
 
 
@@ -153,10 +107,10 @@ def test_a_client_that_leaves_frees_the_slot(base, client):
     reply = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert reply.choices[0].message.content is not None
     assert time.perf_counter() - start < 60  # not behind 4000 abandoned tokens (~30 tokens/s here)
-    assert _metric(base, "triattention_queue_depth") == 0
+    assert metric(base, "triattention_queue_depth") == 0
 
 
-def test_bad_requests_get_clear_4xx(base, client, server_factory):
+def test_bad_requests_get_clear_4xx(base, client, server_factory, smollm2_centred):
     bad_json = httpx.post(f"{base}/v1/chat/completions", content=b"{bad", headers={"content-type": "application/json"})
     assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError, match="not served here"):
@@ -167,7 +121,7 @@ def test_bad_requests_get_clear_4xx(base, client, server_factory):
         client.completions.create(model="smol", prompt="word " * 9000, max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="exceed context window"):
         list(client.completions.create(model="smol", prompt="word " * 9000, max_tokens=4, stream=True))
-    locked = server_factory("--api-key", "sesame")
+    locked = server_factory(smollm2_centred, *SMOL, "--api-key", "sesame")
     assert httpx.get(f"{locked}/health").status_code == 200
     with pytest.raises(openai.AuthenticationError, match="API key"):
         openai.OpenAI(base_url=f"{locked}/v1", api_key="wrong").models.list()

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from triattention_gguf.centers import load_centers
+from triattention_gguf.centers import Centers, load_centers
 from triattention_gguf.harness import FULL, Config, Runner, configs_for
-from triattention_gguf.modelinfo import ModelFacts, facts_of, loaded_model, open_gguf, tokenize
+from triattention_gguf.modelinfo import ModelFacts, model_with_facts, tokenize
 
 PREFILL_CHUNK = 512
 
@@ -34,12 +34,11 @@ def _prefill(runner: Runner, tokens: list[int]) -> float:
     return len(tokens) / (time.perf_counter() - start)
 
 
-def bench_length(model, facts: ModelFacts, text_tokens: list[int], length: int, configs: list[Config],
-                 divide_length: int, decode_tokens: int, rounds: int, n_threads: int | None,
+def bench_length(model, facts: ModelFacts, centres: Centers | None, text_tokens: list[int], length: int,
+                 configs: list[Config], divide_length: int, decode_tokens: int, rounds: int, n_threads: int | None,
                  progress: bool) -> list[dict]:
     """Rows for every config (and the full cache) at one logical length."""
     tokens = (text_tokens * (length // len(text_tokens) + 1))[:length]
-    centres = load_centers(facts) if any(c.method == "tri" for c in configs) else None
     rows, decode = {}, {}
     with contextlib.ExitStack() as stack:
         group = []
@@ -77,13 +76,12 @@ def bench(model_path: str, methods: list[str], budgets: list[int], lengths: list
           divide_length: int = 128, decode_tokens: int = 32, rounds: int = 3, n_threads: int | None = None,
           progress: bool = True) -> list[dict]:
     """Rows for every length (up to the model's trained context) x config on one model."""
-    reader = open_gguf(model_path)
-    with loaded_model(model_path) as model:
-        facts = facts_of(model_path, reader, model)
+    with model_with_facts(model_path) as (model, facts):
+        centres = load_centers(facts) if "tri" in methods else None
         text_tokens = tokenize(model, text)
         rows = []
         for length in sorted(n for n in lengths if n <= facts.n_ctx_train):
             configs = configs_for(methods, [b for b in budgets if b < length], divide_length)
-            rows += bench_length(model, facts, text_tokens, length, configs, divide_length, decode_tokens, rounds,
-                                 n_threads, progress)
+            rows += bench_length(model, facts, centres, text_tokens, length, configs, divide_length, decode_tokens,
+                                 rounds, n_threads, progress)
     return [{"model": Path(model_path).name, **row} for row in rows]

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import Centers
-from triattention_gguf.modelinfo import ModelFacts, facts_of, loaded_model, model_context, open_gguf, tokenize
+from triattention_gguf.modelinfo import ModelFacts, model_context, model_with_facts, tokenize
 
 DEFAULT_TOKENS = 32768
 MIN_TOKENS = 256
@@ -115,9 +115,7 @@ def calibration_run(model_path: str | os.PathLike, n_ctx: int = DEFAULT_CHUNK, k
                     n_threads: int | None = None, **context_overrides) -> Iterator[CalibrationRun]:
     """Open the model with the calibration callback on its graph. context_overrides set
     llama_context_params fields (e.g. rope_freq_scale) for tests of RoPE scaling."""
-    reader = open_gguf(model_path)
-    with loaded_model(model_path) as model:
-        facts = facts_of(model_path, reader, model)
+    with model_with_facts(model_path) as (model, facts):
         n_ctx = min(n_ctx, facts.n_ctx_train)
         with query_capture(model, keep_last) as (calib, feed):
             # keep_last captures one ubatch, so a whole chunk must fit in one.

@@ -13,14 +13,15 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from triattention_gguf.calibrate import default_text, last_queries, query_capture
 from triattention_gguf.compression import cache_rows
-from triattention_gguf.harness import FULL, Config, Runner, runners
-from triattention_gguf.modelinfo import ModelFacts, detokenize, tokenize
+from triattention_gguf.harness import FULL, Config, Runner, configs_for, parse_budgets, runners
+from triattention_gguf.modelinfo import ModelFacts, detokenize, model_with_facts, tokenize
 
 
 @dataclass
@@ -156,14 +157,7 @@ def evaluate(model_path: str, methods: list[str], budget_specs: list[str], text:
              divide_length: int = 128, chunk: int = 32, retrieval_tokens: int = 2048, retrieval_trials: int = 3,
              recall_checkpoints: int = 4, n_threads: int | None = None, progress: bool = True) -> list[dict]:
     """One row per method x budget (and one for the full cache) on one model."""
-    from pathlib import Path
-
-    from triattention_gguf.harness import configs_for, parse_budgets
-    from triattention_gguf.modelinfo import facts_of, loaded_model, open_gguf
-
-    reader = open_gguf(model_path)
-    with loaded_model(model_path) as model:
-        facts = facts_of(model_path, reader, model)
+    with model_with_facts(model_path) as (model, facts):
         tokens = tokenize(model, text)[:min(n_tokens, facts.n_ctx_train)]
         if len(tokens) < 2 * chunk:
             raise ValueError(f"the text has {len(tokens)} tokens; eval needs at least {2 * chunk}")

@@ -6,15 +6,13 @@ import os
 import numpy as np
 
 from triattention_gguf.centers import Centers, CentersError, read_centers, validate
-from triattention_gguf.modelinfo import ModelFacts, facts_of, loaded_model, model_context, open_gguf, rope_omega
+from triattention_gguf.modelinfo import ModelFacts, model_context, model_with_facts, rope_omega
 
 R_BINS = np.linspace(0.0, 1.0, 11)
 
 
 def facts_and_omega(path: str | os.PathLike) -> tuple[ModelFacts, np.ndarray]:
-    reader = open_gguf(path)
-    with loaded_model(path) as model:
-        facts = facts_of(path, reader, model)
+    with model_with_facts(path) as (model, facts):
         with model_context(model, n_ctx=256, n_threads=1) as ctx:
             return facts, rope_omega(ctx, facts.n_layer, facts.head_dim)
 

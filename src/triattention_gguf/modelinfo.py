@@ -183,12 +183,19 @@ def facts_of(path: str | os.PathLike, reader: gguf.GGUFReader, model) -> ModelFa
         fingerprint=fingerprint(reader))
 
 
-def read_facts(path: str | os.PathLike) -> ModelFacts:
+@contextlib.contextmanager
+def model_with_facts(path: str | os.PathLike, n_gpu_layers: int = 0):
+    """A loaded llama_model* and the facts of its file (checked: RoPE, heads), freed on exit."""
     reader = open_gguf(path)
+    with loaded_model(path, n_gpu_layers) as model:
+        yield model, facts_of(path, reader, model)
+
+
+def read_facts(path: str | os.PathLike) -> ModelFacts:
     # Weights are memory-mapped, not read: loading costs little, and llama.cpp
     # fills the hyperparameters only on a full load.
-    with loaded_model(path) as model:
-        return facts_of(path, reader, model)
+    with model_with_facts(path) as (_, facts):
+        return facts
 
 
 def rope_omega(ctx, n_layer: int, head_dim: int) -> np.ndarray:

@@ -131,11 +131,8 @@ class Engine:
                          verbose=False)
         self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.metrics = Metrics()
-        self.metrics.observe_cache(self.kv_stats())
+        self.metrics.observe_cache(self.llm.kv_stats())
         self.sampled = 0
-
-    def kv_stats(self) -> dict:
-        return self.llm.kv_stats()
 
     @property
     def chat_template(self) -> str:
@@ -301,7 +298,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     def account(kind: str, started: float, before: dict, completion_tokens: int) -> dict:
         prompt = engine.llm.prompt_reuse()
-        kv = engine.kv_stats()
+        kv = engine.llm.kv_stats()
         m = engine.metrics
         m.prompt_tokens.inc(prompt["tokens"])
         m.prompt_reused.inc(prompt["reused"])
@@ -320,7 +317,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         state = {}
 
         def begin() -> None:
-            state["before"] = engine.kv_stats()
+            state["before"] = engine.llm.kv_stats()
             state["sampled"] = engine.sampled
 
         def generated() -> int:
@@ -456,7 +453,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                                    "supports_tool_calls": "tool_calls" in template or "<tool_call>" in template,
                                    "supports_parallel_tool_calls": False},
             "kv_compress": {"method": config.kv_compress, "budget": config.kv_budget,
-                            "divide_length": config.kv_divide_length, **engine.kv_stats()},
+                            "divide_length": config.kv_divide_length, **engine.llm.kv_stats()},
         }
 
     @app.get("/metrics")
@@ -464,7 +461,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         return PlainTextResponse(generate_latest(engine.metrics.registry).decode(),
                                  media_type="text/plain; version=0.0.4")
 
-    kv = engine.kv_stats()
+    kv = engine.llm.kv_stats()
     full = kv["kv_bytes"] * engine.llm.n_ctx() // max(1, kv["cells_capacity"])
     log.info("serving %s as %r: n_ctx %d, kv_compress %s, budget %d: %d KV cells, %.1f MiB (a full cache of "
              "n_ctx would take %.1f MiB)", config.model, config.name, engine.llm.n_ctx(), config.kv_compress,
