@@ -1,6 +1,6 @@
 // Compression of a context's KV cache: score the cached keys, keep the top `budget` per KV head,
-// and gather the kept K and V rows to the front of the cells with graph ops on the backends that
-// hold the cache. Only the kept cell indices ([n_head_kv][budget] int32) visit the host.
+// and move the kept K and V rows behind the front cells into the evicted ones among them, with
+// graph ops on the backends that hold the cache. Only the kept cell indices ([n_head_kv][budget] int32) visit the host.
 #include "triattention.h"
 #include "triattention-hooks.h"
 #include "triattention-impl.h"
@@ -390,57 +390,145 @@ std::vector<float> host_scores(state & st, const candidates & c) {
     return s;
 }
 
-// Move each head's kept rows (sorted by position) to cells [0, budget) in every layer.
-bool compact(llama_context * ctx, state & st, llama_kv_cache * kv, const std::vector<int32_t> & kept,
-             int32_t budget, int32_t n_kv) {
+// Where each head's kept cells go: those below `budget` stay where they are and those above it
+// fill the evicted cells below it, so a compaction moves at most n_kv - budget rows per head.
+struct row_moves {
+    std::vector<int32_t> layout;  // [n_head_kv][budget]: the candidate cell that cell j now holds
+    std::vector<int32_t> src;     // [n_head_kv][n]: moved from, to: a head with fewer moves
+    std::vector<int32_t> dst;     // copies one of its staying cells onto itself
+    int32_t n = 0;
+};
+
+row_moves fill_holes(const std::vector<int32_t> & kept, int64_t n_head_kv, int32_t budget) {
+    row_moves m;
+    m.layout.assign(n_head_kv * budget, -1);
+    std::vector<std::vector<int32_t>> from(n_head_kv), to(n_head_kv);
+    for (int64_t hk = 0; hk < n_head_kv; ++hk) {
+        int32_t * cell = m.layout.data() + hk * budget;
+        for (int32_t j = 0; j < budget; ++j) {
+            const int32_t i = kept[hk * budget + j];
+            if (i < budget) {
+                cell[i] = i;
+            } else {
+                from[hk].push_back(i);
+            }
+        }
+        for (int32_t j = 0; j < budget; ++j) {
+            if (cell[j] < 0) {
+                to[hk].push_back(j);
+            }
+        }
+        GGML_ASSERT(from[hk].size() == to[hk].size());
+        for (size_t k = 0; k < to[hk].size(); ++k) {
+            cell[to[hk][k]] = from[hk][k];
+        }
+        m.n = std::max(m.n, (int32_t) from[hk].size());
+    }
+    m.src.resize(n_head_kv * m.n);
+    m.dst.resize(n_head_kv * m.n);
+    for (int64_t hk = 0; hk < n_head_kv; ++hk) {
+        const int32_t * cell = m.layout.data() + hk * budget;
+        int32_t stay = 0;
+        while ((size_t) m.n > from[hk].size() && cell[stay] != stay) {
+            ++stay;  // exists: fewer than `budget` cells moved in
+        }
+        for (int32_t k = 0; k < m.n; ++k) {
+            const bool moves = (size_t) k < from[hk].size();
+            m.src[hk * m.n + k] = moves ? from[hk][k] : stay;
+            m.dst[hk * m.n + k] = moves ? to[hk][k] : stay;
+        }
+    }
+    return m;
+}
+
+// 32-bit words read as pairs of f16 (a view, no conversion): set_rows copies f16 rows bit-exactly.
+ggml_tensor * words_as_f16(ggml_context * g, ggml_tensor * words) {
+    ggml_tensor * t = ggml_view_3d(g, words, words->ne[0], words->ne[1], words->ne[2], words->nb[1], words->nb[2], 0);
+    t->type = GGML_TYPE_F16;
+    t->ne[0] *= 2;
+    t->nb[0] = sizeof(ggml_fp16_t);
+    return t;
+}
+
+// Carry out the moves in every layer with graph ops on the cache's backends: rows are gathered
+// as 32-bit words (any K/V type, quantized included, bit-exact) and scattered into the holes; a
+// transposed V moves element by element in its own type.
+bool compact(llama_context * ctx, state & st, llama_kv_cache * kv, const row_moves & m) {
+    if (m.n == 0) {
+        return true;
+    }
     const llama_hparams & hp = ctx->get_model().hparams;
     const int n_layer = (int) hp.n_layer();
     const int64_t n_head_kv = hp.n_head_kv(0);
+    const int64_t kv_size = kv->get_size();
+    const int64_t head_dim_v = hp.n_embd_head_v(0);
 
     ggml_context_ptr g = triattention_graph_context(MAX_NODE);
-    ggml_tensor * idx = ggml_new_tensor_2d(g.get(), GGML_TYPE_I32, budget, n_head_kv);
-    ggml_set_input(idx);
+    auto index = [&](int64_t ne1, int64_t ne2) {
+        ggml_tensor * t = ggml_new_tensor_3d(g.get(), GGML_TYPE_I32, m.n, ne1, ne2);
+        ggml_set_input(t);
+        return t;
+    };
+    ggml_tensor * src = index(n_head_kv, 1);
+    ggml_tensor * dst = index(n_head_kv, 1);
+    ggml_tensor * src_el = kv->get_v_trans() ? index(head_dim_v, n_head_kv) : nullptr;
+    ggml_tensor * dst_el = kv->get_v_trans() ? index(head_dim_v, n_head_kv) : nullptr;
     ggml_cgraph * gf = ggml_new_graph_custom(g.get(), MAX_NODE, false);
 
-    // rows of `storage` laid out [row of one head][head][cell]: gather per head, bit-exact as int32
-    auto move_rows = [&](ggml_tensor * storage, int64_t row_bytes) {
-        const int64_t n_words = row_bytes / 4;
-        ggml_tensor * words = alias(g.get(), storage, GGML_TYPE_I32, ggml_nbytes(storage) / 4, 1);
-        auto cells = [&](int64_t n) {
-            return ggml_permute(g.get(), ggml_view_3d(g.get(), words, n_words, n_head_kv, n, row_bytes,
-                                                       storage->nb[1], 0), 0, 2, 1, 3);
-        };
-        ggml_build_forward_expand(gf, ggml_cpy(g.get(), ggml_get_rows(g.get(), cells(n_kv), idx), cells(budget)));
+    // `storage` laid out [row of one head][head][cell], viewed as [row][cell][head] in `type`
+    auto rows_of = [&](ggml_tensor * storage, int64_t row_bytes, ggml_type type) {
+        ggml_tensor * flat = alias(g.get(), storage, type, ggml_nbytes(storage) / ggml_type_size(type), 1);
+        return ggml_permute(g.get(), ggml_view_3d(g.get(), flat, row_bytes / ggml_type_size(type), n_head_kv,
+                                                   kv_size, row_bytes, storage->nb[1], 0), 0, 2, 1, 3);
     };
-    // a transposed V: [cell] runs per dimension; gather columns through a contiguous copy
-    auto move_columns = [&](ggml_tensor * storage, int64_t head_dim_v) {
-        const int64_t kv_size = kv->get_size();
+    auto move_rows = [&](ggml_tensor * storage, int64_t row_bytes) {
+        ggml_tensor * moved = ggml_get_rows(g.get(), rows_of(storage, row_bytes, GGML_TYPE_I32), src);
+        ggml_build_forward_expand(gf, ggml_set_rows(g.get(), rows_of(storage, row_bytes, GGML_TYPE_F16),
+                                                    words_as_f16(g.get(), moved), dst));
+    };
+    // a transposed V: [cell] runs per (head, dimension); one-element rows
+    auto move_elements = [&](ggml_tensor * storage) {
         const size_t es = ggml_type_size(storage->type);
-        auto cols = [&](int64_t n) {
-            return ggml_permute(g.get(), ggml_view_3d(g.get(), storage, n, head_dim_v, n_head_kv,
-                                                       kv_size * es, head_dim_v * kv_size * es, 0), 1, 0, 2, 3);
-        };
-        ggml_tensor * rows = ggml_get_rows(g.get(), ggml_cont(g.get(), cols(n_kv)), idx);
-        ggml_build_forward_expand(gf, ggml_cpy(g.get(), rows, cols(budget)));
+        ggml_tensor * cells = ggml_view_4d(g.get(), storage, 1, kv_size, head_dim_v, n_head_kv, es, kv_size * es,
+                                           head_dim_v * kv_size * es, 0);
+        ggml_build_forward_expand(gf, ggml_set_rows(g.get(), cells, ggml_get_rows(g.get(), cells, src_el), dst_el));
     };
 
     for (int il = 0; il < n_layer; ++il) {
         ggml_tensor * k = kv->get_k_storage(il);
         ggml_tensor * v = kv->get_v_storage(il);
         const int64_t k_row = ggml_row_size(k->type, hp.n_embd_head_k(il));
-        const int64_t v_head = hp.n_embd_head_v(il);
-        if (k_row % 4 != 0 || (!kv->get_v_trans() && ggml_row_size(v->type, v_head) % 4 != 0)) {
+        const int64_t v_row = ggml_row_size(v->type, hp.n_embd_head_v(il));
+        if (k_row % 4 != 0 || (!kv->get_v_trans() && v_row % 4 != 0)) {
             triattention_fail("a head's cached row is not a whole number of 32-bit words");
+            return false;
+        }
+        if (hp.n_embd_head_v(il) != head_dim_v || hp.n_head_kv(il) != n_head_kv) {
+            triattention_fail("layers differ in KV head count or V head size");
             return false;
         }
         move_rows(k, k_row);
         if (kv->get_v_trans()) {
-            move_columns(v, v_head);
+            move_elements(v);
         } else {
-            move_rows(v, ggml_row_size(v->type, v_head));
+            move_rows(v, v_row);
         }
     }
-    return st.runner.run(gf, [&] { ggml_backend_tensor_set(idx, kept.data(), 0, ggml_nbytes(idx)); });
+    return st.runner.run(gf, [&] {
+        ggml_backend_tensor_set(src, m.src.data(), 0, ggml_nbytes(src));
+        ggml_backend_tensor_set(dst, m.dst.data(), 0, ggml_nbytes(dst));
+        if (src_el != nullptr) {
+            std::vector<int32_t> s(ggml_nelements(src_el)), d(s.size());
+            for (int64_t hk = 0; hk < n_head_kv; ++hk) {
+                for (int64_t e = 0; e < head_dim_v; ++e) {
+                    std::copy_n(m.src.begin() + hk * m.n, m.n, s.begin() + (hk * head_dim_v + e) * m.n);
+                    std::copy_n(m.dst.begin() + hk * m.n, m.n, d.begin() + (hk * head_dim_v + e) * m.n);
+                }
+            }
+            ggml_backend_tensor_set(src_el, s.data(), 0, ggml_nbytes(src_el));
+            ggml_backend_tensor_set(dst_el, d.data(), 0, ggml_nbytes(dst_el));
+        }
+    });
 }
 
 // snapkv's eval callback: keep the last SNAP_WINDOW tokens of each layer's post-RoPE query.
@@ -526,12 +614,8 @@ int32_t compress_now(llama_context * ctx, state & st) {
     } else {
         kept = top_per_row(scores, c, n_head_kv, budget);
     }
-    // Each head's kept cells in position order: the newest lands in the last cell of every head.
-    for (int64_t hk = 0; hk < n_head_kv; ++hk) {
-        auto first = kept.begin() + hk * budget;
-        std::sort(first, first + budget, [&](int32_t a, int32_t b) { return c.pos[hk][a] < c.pos[hk][b]; });
-    }
-    if (!compact(ctx, st, kv, kept, budget, c.n_kv)) {
+    row_moves moves = fill_holes(kept, n_head_kv, budget);
+    if (!compact(ctx, st, kv, moves)) {
         return triattention_fail(std::string("the compaction graph failed") +
                                  (g_error.empty() ? "" : ": " + g_error));
     }
@@ -542,7 +626,7 @@ int32_t compress_now(llama_context * ctx, state & st) {
     std::vector<llama_pos> cell_pos(budget, -1);
     for (int64_t hk = 0; hk < n_head_kv; ++hk) {
         for (int32_t j = 0; j < budget; ++j) {
-            head_pos[hk][j] = c.pos[hk][kept[hk * budget + j]];
+            head_pos[hk][j] = c.pos[hk][moves.layout[hk * budget + j]];
             cell_pos[j] = std::max(cell_pos[j], head_pos[hk][j]);
         }
     }
@@ -558,7 +642,7 @@ int32_t compress_now(llama_context * ctx, state & st) {
     }
     st.head_pos = std::move(head_pos);
     st.cell_pos = std::move(cell_pos);
-    st.last_kept = std::move(kept);
+    st.last_kept = std::move(moves.layout);
     st.stats.compressed_upto = c.newest;
     st.stats.compressions++;
     st.stats.cells_evicted += used_before - budget;
