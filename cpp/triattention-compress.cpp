@@ -85,6 +85,8 @@ struct state {
         llama_pos              next = -1;
     };
     std::vector<query_window> windows;  // [n_layer]
+    ggml_backend_sched_eval_callback chained = nullptr;  // the context's own eval callback
+    void * chained_data = nullptr;
 
     // After a per-head compaction, cell c holds a different token in each KV head: their true
     // positions, [n_head_kv][cell], for the cells that compaction wrote (cell_pos records the
@@ -151,13 +153,19 @@ ggml_tensor * gqa_max(ggml_context * g, ggml_tensor * z, int64_t n_head_kv) {
 
 // snapkv's score of one layer's keys, [n_kv, n_head_kv]: the attention of the window's queries
 // q [head_dim, n_head, n_win] (causal mask [n_kv, n_win, n_head]), summed over the window,
-// max-pooled over SNAP_POOL neighbouring cells, summed over each GQA group.
-ggml_tensor * snapkv_layer(ggml_context * g, ggml_tensor * keys, ggml_tensor * q, ggml_tensor * mask, float scale) {
+// max-pooled over SNAP_POOL neighbouring tokens, summed over each GQA group. A compaction leaves
+// cells out of position order: `order` [n_kv, n_head] lists each head's cells oldest first and
+// `rank` is its inverse, so the pooling runs over neighbouring positions.
+ggml_tensor * snapkv_layer(ggml_context * g, ggml_tensor * keys, ggml_tensor * q, ggml_tensor * mask, float scale,
+                           ggml_tensor * order, ggml_tensor * rank) {
     const int64_t n_kv = keys->ne[2], n_head_kv = keys->ne[1], n_head = q->ne[1], n_win = q->ne[2];
     ggml_tensor * kq = ggml_mul_mat(g, ggml_permute(g, keys, 0, 2, 1, 3), ggml_permute(g, q, 0, 2, 1, 3));
     ggml_tensor * attn = ggml_soft_max_ext(g, kq, mask, scale, 0.0f);  // [n_kv, n_win, n_head]
-    ggml_tensor * per_key = ggml_reshape_2d(g, ggml_sum_rows(g, ggml_cont(g, ggml_permute(g, attn, 1, 0, 2, 3))),
-                                            n_kv, n_head);
+    ggml_tensor * in_cells = ggml_sum_rows(g, ggml_cont(g, ggml_permute(g, attn, 1, 0, 2, 3)));  // [1, n_kv, n_head]
+    auto reordered = [&](ggml_tensor * x, ggml_tensor * idx) {
+        return ggml_reshape_2d(g, ggml_get_rows(g, ggml_reshape_3d(g, x, 1, n_kv, n_head), idx), n_kv, n_head);
+    };
+    ggml_tensor * per_key = reordered(in_cells, order);
     const int half = SNAP_POOL / 2;
     ggml_tensor * padded = ggml_pad_ext(g, per_key, half, half, 0, 0, 0, 0, 0, 0);  // attention >= 0: 0 pads
     auto shifted = [&](int s) { return ggml_view_2d(g, padded, n_kv, n_head, padded->nb[1], s * sizeof(float)); };
@@ -165,6 +173,7 @@ ggml_tensor * snapkv_layer(ggml_context * g, ggml_tensor * keys, ggml_tensor * q
     for (int s = 1; s < SNAP_POOL; ++s) {
         pooled = max2(g, pooled, ggml_cont(g, shifted(s)));
     }
+    pooled = reordered(pooled, rank);
     const int64_t n_gqa = n_head / n_head_kv;
     ggml_tensor * grouped = ggml_cont(g, ggml_permute(g, ggml_reshape_3d(g, pooled, n_kv, n_gqa, n_head_kv), 1, 0, 2, 3));
     return ggml_reshape_2d(g, ggml_sum_rows(g, grouped), n_kv, n_head_kv);
@@ -290,6 +299,8 @@ bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const c
     ggml_tensor * w_all = tri ? input(ggml_new_tensor_3d(g.get(), GGML_TYPE_F32, s0.head_dim / 2, s0.n_head, n_layer)) : nullptr;
     ggml_tensor * q_win = snap ? input(ggml_new_tensor_4d(g.get(), GGML_TYPE_F32, s0.head_dim, s0.n_head, n_win, n_layer)) : nullptr;
     ggml_tensor * mask = snap ? input(ggml_new_tensor_3d(g.get(), GGML_TYPE_F32, c.n_kv, n_win, s0.n_head)) : nullptr;
+    ggml_tensor * order = snap ? input(ggml_new_tensor_2d(g.get(), GGML_TYPE_I32, c.n_kv, s0.n_head)) : nullptr;
+    ggml_tensor * rank = snap ? input(ggml_new_tensor_2d(g.get(), GGML_TYPE_I32, c.n_kv, s0.n_head)) : nullptr;
     const float kq_scale = hp.f_attention_scale == 0.0f ? 1.0f / std::sqrt((float) s0.head_dim) : hp.f_attention_scale;
 
     ggml_tensor * acc = nullptr;
@@ -304,7 +315,7 @@ bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const c
         } else if (snap) {
             ggml_tensor * q = ggml_view_3d(g.get(), q_win, s0.head_dim, s0.n_head, n_win, q_win->nb[1], q_win->nb[2],
                                            il * q_win->nb[3]);
-            layer = snapkv_layer(g.get(), kview, q, mask, kq_scale);
+            layer = snapkv_layer(g.get(), kview, q, mask, kq_scale, order, rank);
         } else {
             // knorm: minus the L2 norm of each key (rotation-invariant), [n_kv, n_head_kv]
             ggml_tensor * norm = ggml_sqrt(g.get(), ggml_sum_rows(g.get(), ggml_sqr(g.get(),
@@ -320,8 +331,21 @@ bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const c
     ggml_build_forward_expand(gf, total);
 
     std::vector<float> q, w, m;
+    std::vector<int32_t> by_pos, pos_rank;
     if (snap) {
         snapkv_inputs(st, kv, c, s0.n_head, s0.head_dim, q, m);
+        const int64_t n_gqa = s0.n_head / s0.n_head_kv;
+        by_pos.resize(ggml_nelements(order));
+        pos_rank.resize(by_pos.size());
+        for (int64_t h = 0; h < s0.n_head; ++h) {
+            const std::vector<llama_pos> & pos = c.pos[h / n_gqa];
+            int32_t * o = by_pos.data() + h * c.n_kv;
+            std::iota(o, o + c.n_kv, 0);
+            std::stable_sort(o, o + c.n_kv, [&](int32_t a, int32_t b) { return pos[a] < pos[b]; });
+            for (int32_t k = 0; k < c.n_kv; ++k) {
+                pos_rank[h * c.n_kv + o[k]] = k;
+            }
+        }
     }
     if (tri) {
         // virtual queries at t = newest position (algorithm.md §4), in the model's pair layout
@@ -362,6 +386,8 @@ bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const c
         if (snap) {
             ggml_backend_tensor_set(q_win, q.data(), 0, ggml_nbytes(q_win));
             ggml_backend_tensor_set(mask, m.data(), 0, ggml_nbytes(mask));
+            ggml_backend_tensor_set(order, by_pos.data(), 0, ggml_nbytes(order));
+            ggml_backend_tensor_set(rank, pos_rank.data(), 0, ggml_nbytes(rank));
         }
     });
     if (!ok) {
@@ -531,18 +557,11 @@ bool compact(llama_context * ctx, state & st, llama_kv_cache * kv, const row_mov
     });
 }
 
-// snapkv's eval callback: keep the last SNAP_WINDOW tokens of each layer's post-RoPE query.
-bool snapkv_observe(ggml_tensor * t, bool ask, void * user_data) {
-    if (!triattention_is_query_rope(t)) {
-        return false;
-    }
-    if (ask) {
-        return true;
-    }
-    auto & st = *static_cast<state *>(user_data);
+// Keep the last SNAP_WINDOW tokens of a layer's post-RoPE query t.
+void snapkv_capture(state & st, const ggml_tensor * t) {
     const int il = triattention_layer_of(t->name);
     if (il < 0 || il >= (int) st.windows.size() || t->type != GGML_TYPE_F32 || t->nb[0] != sizeof(float)) {
-        return true;
+        return;
     }
     state::query_window & w = st.windows[il];
     const int64_t head_dim = t->ne[0], n_head = t->ne[1], n_tokens = t->ne[2];
@@ -561,7 +580,21 @@ bool snapkv_observe(ggml_tensor * t, bool ask, void * user_data) {
         w.pos.erase(w.pos.begin(), w.pos.begin() + drop);
         w.q.erase(w.q.begin(), w.q.begin() + drop * n_head * head_dim);
     }
-    return true;
+}
+
+// snapkv's eval callback: asks for the query nodes, and passes every node on to the eval callback
+// the context had before (only those it asks for, and its answer stops the graph as usual).
+bool snapkv_observe(ggml_tensor * t, bool ask, void * user_data) {
+    auto & st = *static_cast<state *>(user_data);
+    const bool theirs = st.chained != nullptr && st.chained(t, true, st.chained_data);
+    const bool ours = triattention_is_query_rope(t);
+    if (ask) {
+        return theirs || ours;
+    }
+    if (ours) {
+        snapkv_capture(st, t);
+    }
+    return theirs ? st.chained(t, false, st.chained_data) : true;
 }
 
 int32_t compress_now(llama_context * ctx, state & st) {
@@ -738,15 +771,17 @@ int32_t triattention_set_params(llama_context * ctx, triattention_params params)
     }
     const ggml_backend_sched_eval_callback own = ctx->get_cparams().cb_eval;
     if (params.method == TRIATTENTION_METHOD_SNAPKV) {
-        if (own != nullptr && own != snapkv_observe) {
-            return triattention_fail("snapkv observes the queries through the context's eval callback, "
-                                     "and this context already has one (cb_eval)");
+        if (own != snapkv_observe) {
+            st.chained = own;
+            st.chained_data = ctx->get_cparams().cb_eval_user_data;
         }
         st.windows.assign(ctx->get_model().hparams.n_layer(), {});
         ctx->set_eval_callback(snapkv_observe, &st);
     } else if (own == snapkv_observe) {
         st.windows.clear();
-        ctx->set_eval_callback(nullptr, nullptr);
+        ctx->set_eval_callback(st.chained, st.chained_data);
+        st.chained = nullptr;
+        st.chained_data = nullptr;
     }
     st.params = params;
     st.rng.seed(params.seed);

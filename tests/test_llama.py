@@ -45,6 +45,16 @@ def test_compressed_generation_is_bounded_and_reports_its_memory(method, centred
     assert llm.n_ctx() == 2048  # n_ctx keeps its meaning: the longest conversation
 
 
+@pytest.mark.parametrize("n_ubatch, cells", [(None, 2560), (512, 2816)])
+def test_default_ubatch_fills_llama_cpps_cell_pages(n_ubatch, cells, centred):
+    """budget + divide_length + 512 = 2688 cells would be rounded up to 2816 by llama.cpp; the
+    default ubatch (384) makes the cache 2560 cells, while an explicit n_ubatch is honoured."""
+    extra = {} if n_ubatch is None else {"n_ubatch": n_ubatch}
+    llm = Llama(centred, kv_compress="tri", kv_budget=2048, kv_divide_length=128, n_ctx=8192, verbose=False, **extra)
+    assert llm.kv_stats()["cells_capacity"] == cells
+    assert llm.n_ctx() == 8192
+
+
 def _count_evals(llm):
     counted = []
     original = llm.eval

