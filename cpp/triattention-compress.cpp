@@ -1,6 +1,6 @@
 // Compression of a context's KV cache: score the cached keys, keep the top `budget` per KV head,
 // and move the kept K and V rows behind the front cells into the evicted ones among them, with
-// graph ops on the backends that hold the cache. Only the kept cell indices ([n_head_kv][budget] int32) visit the host.
+// graph ops on the backends that hold the cache. Only cell indices visit the host.
 #include "triattention.h"
 #include "triattention-hooks.h"
 #include "triattention-impl.h"
@@ -420,9 +420,9 @@ std::vector<float> host_scores(state & st, const candidates & c) {
 // fill the evicted cells below it, so a compaction moves at most n_kv - budget rows per head.
 struct row_moves {
     std::vector<int32_t> layout;  // [n_head_kv][budget]: the candidate cell that cell j now holds
-    std::vector<int32_t> src;     // [n_head_kv][n]: moved from, to: a head with fewer moves
-    std::vector<int32_t> dst;     // copies one of its staying cells onto itself
-    int32_t n = 0;
+    std::vector<int32_t> src;     // [n_head_kv][n]: the cells moved from
+    std::vector<int32_t> dst;     // [n_head_kv][n]: and to; a head with fewer than n moves copies
+    int32_t n = 0;                // one of its staying cells onto itself
 };
 
 row_moves fill_holes(const std::vector<int32_t> & kept, int64_t n_head_kv, int32_t budget) {

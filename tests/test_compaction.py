@@ -265,6 +265,10 @@ def test_snapkv_keeps_the_keys_its_window_attends_to(smollm2_path):
                     assert len(expected & set(kept[hk])) >= BUDGET - 1, (end, hk)  # float32 vs 64: a near-tie
                 front = head_positions(ctx)
                 assert any(np.any(np.diff(front[hk]) < 0) for hk in range(hkv))  # cells out of position order
+            configure(ctx, "streaming", BUDGET, DIVIDE)  # gives the context its own callback back alone
+            capture.data.clear()
+            decode(ctx, tokens[N_PROMPT + DIVIDE:N_PROMPT + DIVIDE + 1])
+            assert len(capture.data) == n_layer
 
 
 def test_a_cut_inside_the_compressed_history_keeps_the_older_cells(smollm2_path):
