@@ -28,7 +28,7 @@ namespace {
 
 constexpr int   N_SINKS  = 4;      // streaming: attention sinks at the start of the sequence
 constexpr int   SNAP_WINDOW = 8;   // snapkv: the last queries whose attention scores the keys
-constexpr int   SNAP_POOL   = 7;   // snapkv: max-pooling kernel over neighbouring cells
+constexpr int   SNAP_POOL   = 7;   // snapkv: max-pooling kernel over neighbouring tokens
 constexpr float KEEP     = 1e30f;  // score bonus of the newest token: never evicted
 constexpr float EVICTED  = -1e30f; // score of an empty cell
 constexpr int   MAX_NODE = 16384;
@@ -242,9 +242,11 @@ std::vector<int32_t> top_per_row(const std::vector<float> & scores, const candid
 }
 
 // snapkv's inputs: the captured window queries [n_layer][token][head][head_dim] (turned like the
-// cached keys when the cache rotates them) and the causal mask [head][token][cell] of the window.
+// cached keys when the cache rotates them), the causal mask [head][token][cell] of the window, and
+// each query head's cells in position order [head][cell] with its inverse (see snapkv_layer).
 void snapkv_inputs(const state & st, const llama_kv_cache * kv, const candidates & c, int64_t n_head, int64_t head_dim,
-                   std::vector<float> & q, std::vector<float> & mask) {
+                   std::vector<float> & q, std::vector<float> & mask, std::vector<int32_t> & order,
+                   std::vector<int32_t> & rank) {
     const std::vector<llama_pos> & wpos = st.windows[0].pos;
     q.clear();
     for (const auto & w : st.windows) {
@@ -265,6 +267,17 @@ void snapkv_inputs(const state & st, const llama_kv_cache * kv, const candidates
                 // finite: a row with no visible key stays a (uniform) distribution, not NaN
                 row[i] = pos[i] >= 0 && pos[i] <= wpos[j] ? 0.0f : EVICTED;
             }
+        }
+    }
+    order.resize((size_t) n_head * c.n_kv);
+    rank.resize(order.size());
+    for (int64_t h = 0; h < n_head; ++h) {
+        const auto & pos = c.pos[h / n_gqa];
+        int32_t * o = order.data() + h * c.n_kv;
+        std::iota(o, o + c.n_kv, 0);
+        std::stable_sort(o, o + c.n_kv, [&](int32_t a, int32_t b) { return pos[a] < pos[b]; });
+        for (int32_t k = 0; k < c.n_kv; ++k) {
+            rank[h * c.n_kv + o[k]] = k;
         }
     }
 }
@@ -333,19 +346,7 @@ bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const c
     std::vector<float> q, w, m;
     std::vector<int32_t> by_pos, pos_rank;
     if (snap) {
-        snapkv_inputs(st, kv, c, s0.n_head, s0.head_dim, q, m);
-        const int64_t n_gqa = s0.n_head / s0.n_head_kv;
-        by_pos.resize(ggml_nelements(order));
-        pos_rank.resize(by_pos.size());
-        for (int64_t h = 0; h < s0.n_head; ++h) {
-            const std::vector<llama_pos> & pos = c.pos[h / n_gqa];
-            int32_t * o = by_pos.data() + h * c.n_kv;
-            std::iota(o, o + c.n_kv, 0);
-            std::stable_sort(o, o + c.n_kv, [&](int32_t a, int32_t b) { return pos[a] < pos[b]; });
-            for (int32_t k = 0; k < c.n_kv; ++k) {
-                pos_rank[h * c.n_kv + o[k]] = k;
-            }
-        }
+        snapkv_inputs(st, kv, c, s0.n_head, s0.head_dim, q, m, by_pos, pos_rank);
     }
     if (tri) {
         // virtual queries at t = newest position (algorithm.md §4), in the model's pair layout

@@ -18,15 +18,19 @@ def gemma3_path():
     return str(model_path("gemma3-270m"))
 
 
-@pytest.fixture(scope="session")
-def smollm2_centred(smollm2_path, tmp_path_factory):
-    """SmolLM2 with centres from a short calibration (the tests' copy: made once per session)."""
+def centred_copy(model: str, dest, tokens: int) -> str:
+    """A copy of model at dest with centres from a short calibration of `tokens` tokens."""
     from triattention_gguf.calibrate import compute_centers
     from triattention_gguf.centers import rewrite_model
 
-    path = tmp_path_factory.mktemp("centred") / "smollm2.gguf"
-    rewrite_model(smollm2_path, compute_centers(smollm2_path, max_tokens=512, n_threads=2, progress=False), path)
-    return str(path)
+    rewrite_model(model, compute_centers(model, max_tokens=tokens, n_threads=2, progress=False), dest)
+    return str(dest)
+
+
+@pytest.fixture(scope="session")
+def smollm2_centred(smollm2_path, tmp_path_factory):
+    """SmolLM2 with centres from a short calibration (the tests' copy: made once per session)."""
+    return centred_copy(smollm2_path, tmp_path_factory.mktemp("centred") / "smollm2.gguf", 512)
 
 
 @pytest.fixture(scope="module")

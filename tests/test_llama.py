@@ -1,11 +1,11 @@
 """triattention_gguf.Llama: the llama-cpp-python drop-in with a compressed cache."""
 import llama_cpp
 import pytest
+from conftest import centred_copy
 
 from triattention_gguf import Llama
 from triattention_gguf._lib import METHODS
-from triattention_gguf.calibrate import compute_centers
-from triattention_gguf.centers import CentersError, rewrite_model
+from triattention_gguf.centers import CentersError
 from triattention_gguf.compression import CompressionError
 
 PROMPT = "<|im_start|>user\nTell me about the history of lighthouses.<|im_end|>\n<|im_start|>assistant\n"
@@ -183,9 +183,7 @@ def test_state_round_trip_continues_identically(centred):
 
 @pytest.fixture(scope="module")
 def qwen_centred(qwen_path, tmp_path_factory):
-    path = tmp_path_factory.mktemp("qwen") / "qwen.gguf"
-    rewrite_model(qwen_path, compute_centers(qwen_path, max_tokens=256, n_threads=2, progress=False), path)
-    return str(path)
+    return centred_copy(qwen_path, tmp_path_factory.mktemp("qwen") / "qwen.gguf", 256)
 
 
 @pytest.mark.parametrize("method", COMPRESSING)

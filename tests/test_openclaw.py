@@ -9,22 +9,18 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import metric
+from conftest import centred_copy, metric
 
 pytestmark = pytest.mark.openclaw
 BUDGET = 2048
 
 
 def test_openclaw_completes_an_agent_turn(qwen_path, tmp_path, server_factory):
-    from triattention_gguf.calibrate import compute_centers
-    from triattention_gguf.centers import rewrite_model
-
     root = Path(__file__).resolve().parents[1]
     openclaw = subprocess.run(["sh", str(root / "scripts/fetch_openclaw.sh")], check=True, capture_output=True,
                               text=True).stdout.strip()
-    model = tmp_path / "qwen.gguf"
-    rewrite_model(qwen_path, compute_centers(qwen_path, max_tokens=1024, n_threads=2, progress=False), model)
-    base = server_factory(str(model), "--kv-budget", str(BUDGET), "--api-key", "sesame", "--alias", "qwen")
+    model = centred_copy(qwen_path, tmp_path / "qwen.gguf", 1024)
+    base = server_factory(model, "--kv-budget", str(BUDGET), "--api-key", "sesame", "--alias", "qwen")
     home = tmp_path / "home"
     (home / ".openclaw").mkdir(parents=True)
     (home / ".openclaw" / "openclaw.json").write_text(json.dumps({

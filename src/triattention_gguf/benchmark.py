@@ -30,8 +30,7 @@ def _rss_bytes() -> int:
 
 def _prefill(runner: Runner, tokens: list[int]) -> float:
     start = time.perf_counter()
-    for i in range(0, len(tokens), runner.chunk):
-        runner.decode(tokens[i:i + runner.chunk], logits=False)
+    runner.feed(tokens)
     return len(tokens) / (time.perf_counter() - start)
 
 

@@ -131,6 +131,17 @@ def _fill_defaults(args: argparse.Namespace, quick: dict, full: dict) -> None:
             setattr(args, key, value)
 
 
+def _report(args: argparse.Namespace, name: str, rows: list[dict], columns: list[str], plot_rows: list[dict],
+            x: str, panels: list[tuple[str, str]], line_key: str = "method") -> None:
+    """name.json, name.md and name.png in --out; the table and where they went on stdout."""
+    from triattention_gguf.report import markdown_table, plot_lines, write_outputs
+
+    out = write_outputs(args.out, name, rows, columns, {"command": name, "args": vars(args) | {"func": None}})
+    plot_lines(out / f"{name}.png", plot_rows, x, panels, line_key=line_key)
+    print(markdown_table(rows, columns))
+    print(f"written: {out / f'{name}.md'}, {out / f'{name}.json'}, {out / f'{name}.png'}")
+
+
 EVAL_COLUMNS = ["model", "method", "budget", "fraction", "kl", "top1", "ppl", "ppl_full", "recall", "passkey",
                 "own_output", "compressions"]
 
@@ -138,7 +149,6 @@ EVAL_COLUMNS = ["model", "method", "budget", "fraction", "kl", "top1", "ppl", "p
 def _eval(args: argparse.Namespace) -> int:
     from triattention_gguf.calibrate import default_text, read_texts
     from triattention_gguf.evaluation import evaluate
-    from triattention_gguf.report import markdown_table, plot_lines, write_outputs
 
     _quiet_llama(args.verbose)
     _fill_defaults(args, dict(tokens=1024, budgets="1/4,256", retrieval_tokens=768, retrieval_trials=1,
@@ -157,11 +167,8 @@ def _eval(args: argparse.Namespace) -> int:
                              args.recall_checkpoints, args.threads, progress=not args.quiet)
     except ValueError as err:
         raise UsageError(str(err)) from err
-    out = write_outputs(args.out, "eval", rows, EVAL_COLUMNS, {"command": "eval", "args": vars(args) | {"func": None}})
-    plot_lines(out / "eval.png", [r for r in rows if r["method"] != "none"], "budget",
-               [("kl", "mean KL(full || method)"), ("top1", "top-1 agreement"), ("recall", "attention recall")])
-    print(markdown_table(rows, EVAL_COLUMNS))
-    print(f"written: {out / 'eval.md'}, {out / 'eval.json'}, {out / 'eval.png'}")
+    _report(args, "eval", rows, EVAL_COLUMNS, [r for r in rows if r["method"] != "none"], "budget",
+            [("kl", "mean KL(full || method)"), ("top1", "top-1 agreement"), ("recall", "attention recall")])
     return 0
 
 
@@ -172,7 +179,7 @@ BENCH_COLUMNS = ["model", "method", "budget", "length", "prefill_tps", "decode_t
 def _bench(args: argparse.Namespace) -> int:
     from triattention_gguf.benchmark import bench
     from triattention_gguf.calibrate import default_text, read_texts
-    from triattention_gguf.report import markdown_table, plot_lines, write_outputs
+    from triattention_gguf.harness import Config
 
     _quiet_llama(args.verbose)
     _fill_defaults(args, dict(lengths="1024,2048", budgets="256,512", rounds=2, decode_tokens=16),
@@ -187,13 +194,10 @@ def _bench(args: argparse.Namespace) -> int:
     for model in args.model:
         rows += bench(model, args.methods.split(","), budgets, lengths, text, args.divide_length, args.decode_tokens,
                       args.rounds, args.threads, progress=not args.quiet)
-    out = write_outputs(args.out, "bench", rows, BENCH_COLUMNS, {"command": "bench", "args": vars(args) | {"func": None}})
-    for row in rows:
-        row["config"] = row["method"] if row["method"] == "none" else f"{row['method']}@{row['budget']}"
-    plot_lines(out / "bench.png", rows, "length", [("decode_tps_median", "decode tokens/s (median)"),
-                                                   ("kv_bytes", "KV bytes allocated")], line_key="config")
-    print(markdown_table(rows, BENCH_COLUMNS))
-    print(f"written: {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
+    # one line per configuration: the full cache's row carries the length as its budget
+    plot_rows = [{**row, "config": Config(row["method"], row["budget"]).label} for row in rows]
+    _report(args, "bench", rows, BENCH_COLUMNS, plot_rows, "length",
+            [("decode_tps_median", "decode tokens/s (median)"), ("kv_bytes", "KV bytes allocated")], line_key="config")
     return 0
 
 

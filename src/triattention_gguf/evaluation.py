@@ -106,10 +106,9 @@ def fidelity(model, facts: ModelFacts, tokens: list[int], configs: list[Config],
             for label, t in totals.items()}
 
 
-def _needle_prompts(model, context: int, trials: int) -> list[tuple[list[int], str]]:
-    """(prompt, answer): a pass key at a depth in a text of `context` tokens, asked for at the end."""
+def _needle_prompts(model, filler: list[int], context: int, trials: int) -> list[tuple[list[int], str]]:
+    """(prompt, answer): a pass key at a depth in filler text of `context` tokens, asked for at the end."""
     rng = random.Random(0)
-    filler = tokenize(model, default_text())
     intro = tokenize(model, "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it.\n\n")
     question = tokenize(model, "\n\nWhat is the pass key? The pass key is")
     out = []
@@ -123,16 +122,11 @@ def _needle_prompts(model, context: int, trials: int) -> list[tuple[list[int], s
     return out
 
 
-def _feed(runner: Runner, tokens: list[int]) -> None:
-    for start in range(0, len(tokens), runner.chunk):
-        runner.decode(tokens[start:start + runner.chunk], logits=False)
-
-
 def retrieval(model, facts: ModelFacts, configs: list[Config], context: int, divide_length: int, chunk: int,
               n_threads: int | None, trials: int = 3, progress: bool = True) -> dict[str, dict]:
     """Accuracy per config on pass keys and on a number the model states itself, then is asked for."""
-    prompts = _needle_prompts(model, context, trials)
     filler = tokenize(model, default_text())
+    prompts = _needle_prompts(model, filler, context, trials)
     own_intro = tokenize(model, "Write down a five-digit number and remember it.\nMy number is ")
     own_question = tokenize(model, "\n\nWhat was the five-digit number written at the start? The number was ")
     scores = {}
@@ -141,13 +135,13 @@ def retrieval(model, facts: ModelFacts, configs: list[Config], context: int, div
             passkey = own = 0
             for i, (prompt, key) in enumerate(prompts):
                 runner.reset()
-                _feed(runner, prompt)
+                runner.feed(prompt)
                 passkey += key in detokenize(model, runner.greedy(8))
                 runner.reset()
-                _feed(runner, own_intro)
+                runner.feed(own_intro)
                 stated = re.search(r"\d{3,}", detokenize(model, runner.greedy(8)))
                 body = filler[5000 + i * 991:5000 + i * 991 + context - len(own_intro) - len(own_question) - 24]
-                _feed(runner, body + own_question)
+                runner.feed(body + own_question)
                 own += bool(stated) and stated.group(0) in detokenize(model, runner.greedy(8))
             scores[runner.config.label] = {"passkey": passkey / trials, "own_output": own / trials}
     return scores

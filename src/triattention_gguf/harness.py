@@ -87,6 +87,11 @@ class Runner:
         out = np.ctypeslib.as_array(ll.llama_get_logits(self.ctx), shape=(rows, self.n_vocab))
         return out.copy() if logits else out[-1].copy()
 
+    def feed(self, tokens: list[int]) -> None:
+        """Decode tokens in chunks, computing only the last token's logits."""
+        for start in range(0, len(tokens), self.chunk):
+            self.decode(tokens[start:start + self.chunk], logits=False)
+
     def greedy(self, n: int) -> list[int]:
         """n greedy tokens after what was decoded (the last decode's logits start it)."""
         logits = np.ctypeslib.as_array(ll.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))

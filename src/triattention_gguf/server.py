@@ -32,6 +32,8 @@ from triattention_gguf.llama import Llama
 
 log = logging.getLogger("triattention_gguf.server")
 TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+# what a prompt the model cannot take raises (longer than n_ctx, messages the template cannot render)
+PROMPT_ERRORS = (ValueError, jinja2.TemplateError)
 _DONE = object()
 
 
@@ -215,6 +217,12 @@ def _text_of(content: str | list | None) -> str:
     return "\n".join(texts)
 
 
+def _tool_call_block(function: dict) -> str:
+    """An OpenAI tool call's function as the <tool_call> block that _parse_tool_calls reads back."""
+    arguments = json.loads(function.get("arguments") or "{}")
+    return f"<tool_call>\n{json.dumps({'name': function['name'], 'arguments': arguments})}\n</tool_call>"
+
+
 def _for_template(messages: list[dict], template: str) -> list[dict]:
     """Messages as every chat template can render them: content always text, and an assistant's
     tool calls written into its content (as <tool_call> blocks) when the template has no tool_calls."""
@@ -222,8 +230,7 @@ def _for_template(messages: list[dict], template: str) -> list[dict]:
     for message in messages:
         message = {**message, "content": _text_of(message.get("content"))}
         if message.get("tool_calls") and "tool_calls" not in template:
-            calls = "".join(f"<tool_call>\n{json.dumps({'name': c['function']['name'], 'arguments': json.loads(c['function'].get('arguments') or '{}')})}\n</tool_call>"
-                            for c in message["tool_calls"])
+            calls = "".join(_tool_call_block(call["function"]) for call in message["tool_calls"])
             message["content"] = (message["content"] + "\n" + calls).strip()
         out.append(message)
     return out
@@ -337,8 +344,8 @@ def create_app(config: ServeConfig) -> FastAPI:
             watcher = asyncio.create_task(watch_disconnect(request, cancel))
             try:
                 result = await engine.run(job)
-            except (ValueError, jinja2.TemplateError) as err:  # a prompt longer than n_ctx, messages the
-                raise ApiError(400, str(err)) from err                # template cannot render, ...
+            except PROMPT_ERRORS as err:
+                raise ApiError(400, str(err)) from err
             finally:
                 cancel.set()
                 watcher.cancel()
@@ -354,7 +361,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
             queue = engine.stream(make, cancel)
             first = await queue.get()  # errors in the prompt (too long, ...) still get a status code
-            if isinstance(first, (ValueError, jinja2.TemplateError)):
+            if isinstance(first, PROMPT_ERRORS):
                 await queue.get()  # _DONE
                 raise ApiError(400, str(first))
             if isinstance(first, Exception):
