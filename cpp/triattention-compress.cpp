@@ -8,6 +8,7 @@
 #include "triattn-pairs.h"
 
 #include "llama-arch.h"
+#include "llama-kv-cache-iswa.h"
 #include "llama-model.h"
 
 #include "ggml-backend.h"
@@ -244,13 +245,13 @@ std::vector<int32_t> top_per_row(const std::vector<float> & scores, const candid
 // snapkv's inputs: the captured window queries [n_layer][token][head][head_dim] (turned like the
 // cached keys when the cache rotates them), the causal mask [head][token][cell] of the window, and
 // each query head's cells in position order [head][cell] with its inverse (see snapkv_layer).
-void snapkv_inputs(const state & st, const llama_kv_cache * kv, const candidates & c, int64_t n_head, int64_t head_dim,
-                   std::vector<float> & q, std::vector<float> & mask, std::vector<int32_t> & order,
-                   std::vector<int32_t> & rank) {
-    const std::vector<llama_pos> & wpos = st.windows[0].pos;
+void snapkv_inputs(const state & st, const llama_kv_cache * kv, const std::vector<uint32_t> & layers,
+                   const candidates & c, int64_t n_head, int64_t head_dim, std::vector<float> & q,
+                   std::vector<float> & mask, std::vector<int32_t> & order, std::vector<int32_t> & rank) {
+    const std::vector<llama_pos> & wpos = st.windows[layers[0]].pos;
     q.clear();
-    for (const auto & w : st.windows) {
-        q.insert(q.end(), w.q.begin(), w.q.end());
+    for (uint32_t il : layers) {
+        q.insert(q.end(), st.windows[il].q.begin(), st.windows[il].q.end());
     }
     if (kv->get_attn_rot_k()) {
         for (size_t i = 0; i < q.size(); i += head_dim) {
@@ -282,14 +283,16 @@ void snapkv_inputs(const state & st, const llama_kv_cache * kv, const candidates
     }
 }
 
-// Whether every layer captured the same window of queries, all already in the cache.
-bool snapkv_window_ready(const state & st, const candidates & c) {
-    if (st.windows.empty() || st.windows[0].pos.empty() || st.windows[0].pos.back() > c.newest) {
+// Whether every layer of the cache captured the same window of queries, all already in the cache.
+bool snapkv_window_ready(const state & st, const std::vector<uint32_t> & layers, const candidates & c) {
+    if (st.windows.empty()) {
         return false;
     }
-    return std::all_of(st.windows.begin(), st.windows.end(), [&](const state::query_window & w) {
-        return w.pos == st.windows[0].pos;
-    });
+    const std::vector<llama_pos> & first = st.windows[layers[0]].pos;
+    if (first.empty() || first.back() > c.newest) {
+        return false;
+    }
+    return std::all_of(layers.begin(), layers.end(), [&](uint32_t il) { return st.windows[il].pos == first; });
 }
 
 // Device scores [n_head_kv][n_kv] for TRI, KNORM and SNAPKV (one graph over every layer), bonus included.
@@ -297,11 +300,12 @@ bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const c
                    std::vector<float> & out) {
     const llama_model & model = ctx->get_model();
     const llama_hparams & hp = model.hparams;
-    const int n_layer = (int) hp.n_layer();
-    const layer_shape s0 = shape_of(hp, 0);
+    const std::vector<uint32_t> layers = kv->get_layer_ids();  // the compressed (full-attention) layers
+    const int n_layer = (int) layers.size();
+    const layer_shape s0 = shape_of(hp, layers[0]);
     const bool tri = st.params.method == TRIATTENTION_METHOD_TRI;
     const bool snap = st.params.method == TRIATTENTION_METHOD_SNAPKV;
-    const int64_t n_win = snap ? (int64_t) st.windows[0].pos.size() : 0;
+    const int64_t n_win = snap ? (int64_t) st.windows[layers[0]].pos.size() : 0;
 
     ggml_context_ptr g = triattention_graph_context(MAX_NODE);
     auto input = [&](ggml_tensor * t) { ggml_set_input(t); return t; };
@@ -317,17 +321,18 @@ bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const c
     const float kq_scale = hp.f_attention_scale == 0.0f ? 1.0f / std::sqrt((float) s0.head_dim) : hp.f_attention_scale;
 
     ggml_tensor * acc = nullptr;
-    for (int il = 0; il < n_layer; ++il) {
+    for (int li = 0; li < n_layer; ++li) {
+        const int il = (int) layers[li];
         ggml_tensor * kview = triattention_keys(g.get(), kv, hp, il, c.n_kv);
         ggml_tensor * layer;
         if (tri) {
-            ggml_tensor * q = ggml_view_2d(g.get(), q_all, s0.head_dim, s0.n_head, q_all->nb[1], il * q_all->nb[2]);
-            ggml_tensor * w = ggml_view_2d(g.get(), w_all, s0.head_dim / 2, s0.n_head, w_all->nb[1], il * w_all->nb[2]);
+            ggml_tensor * q = ggml_view_2d(g.get(), q_all, s0.head_dim, s0.n_head, q_all->nb[1], li * q_all->nb[2]);
+            ggml_tensor * w = ggml_view_2d(g.get(), w_all, s0.head_dim / 2, s0.n_head, w_all->nb[1], li * w_all->nb[2]);
             ggml_tensor * score = triattention_score_keys(g.get(), kv, hp, il, kview, q, w);
             layer = gqa_max(g.get(), znorm(g.get(), score, valid, (float) c.n_valid), s0.n_head_kv);
         } else if (snap) {
             ggml_tensor * q = ggml_view_3d(g.get(), q_win, s0.head_dim, s0.n_head, n_win, q_win->nb[1], q_win->nb[2],
-                                           il * q_win->nb[3]);
+                                           li * q_win->nb[3]);
             layer = snapkv_layer(g.get(), kview, q, mask, kq_scale, order, rank);
         } else {
             // knorm: minus the L2 norm of each key (rotation-invariant), [n_kv, n_head_kv]
@@ -346,7 +351,7 @@ bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const c
     std::vector<float> q, w, m;
     std::vector<int32_t> by_pos, pos_rank;
     if (snap) {
-        snapkv_inputs(st, kv, c, s0.n_head, s0.head_dim, q, m, by_pos, pos_rank);
+        snapkv_inputs(st, kv, layers, c, s0.n_head, s0.head_dim, q, m, by_pos, pos_rank);
     }
     if (tri) {
         // virtual queries at t = newest position (algorithm.md §4), in the model's pair layout
@@ -356,7 +361,9 @@ bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const c
         q.assign(ggml_nelements(q_all), 0.0f);
         w.assign(ggml_nelements(w_all), 0.0f);
         std::vector<float> omega(n_pairs);
-        for (int il = 0; il < n_layer; ++il) {
+        for (int li = 0; li < n_layer; ++li) {
+            const int il = (int) layers[li];
+            // each layer's own frequencies: Gemma 3's global layers use another base than its local ones
             triattention_rope_omega(ctx, il, omega.data());
             for (int f = 0; f < n_pairs; ++f) {
                 std::complex<double> mean_offset = 0.0;
@@ -367,12 +374,13 @@ bool device_scores(llama_context * ctx, state & st, llama_kv_cache * kv, const c
                 int re, im;
                 triattn_pair_dims(f, neox, (int) s0.n_rot, &re, &im);
                 for (int h = 0; h < s0.n_head; ++h) {
-                    const size_t i = ((size_t) il * s0.n_head + h) * n_pairs + f;
+                    const size_t i = ((size_t) il * s0.n_head + h) * n_pairs + f;  // centres: every layer
+                    const size_t o = ((size_t) li * s0.n_head + h) * n_pairs + f;  // graph: the cache's layers
                     const std::complex<double> v = std::complex<double>(st.q_re[i], st.q_im[i]) * phase;
-                    float * qh = q.data() + ((size_t) il * s0.n_head + h) * s0.head_dim;
+                    float * qh = q.data() + ((size_t) li * s0.n_head + h) * s0.head_dim;
                     qh[re] = (float) v.real();
                     qh[im] = (float) v.imag();
-                    w[i] = st.q_abs[i] - (float) std::hypot(st.q_re[i], st.q_im[i]);
+                    w[o] = st.q_abs[i] - (float) std::hypot(st.q_re[i], st.q_im[i]);
                 }
             }
         }
@@ -485,10 +493,10 @@ bool compact(llama_context * ctx, state & st, llama_kv_cache * kv, const row_mov
         return true;
     }
     const llama_hparams & hp = ctx->get_model().hparams;
-    const int n_layer = (int) hp.n_layer();
-    const int64_t n_head_kv = hp.n_head_kv(0);
+    const std::vector<uint32_t> layers = kv->get_layer_ids();
+    const int64_t n_head_kv = hp.n_head_kv(layers[0]);
     const int64_t kv_size = kv->get_size();
-    const int64_t head_dim_v = hp.n_embd_head_v(0);
+    const int64_t head_dim_v = hp.n_embd_head_v(layers[0]);
 
     ggml_context_ptr g = triattention_graph_context(MAX_NODE);
     auto index = [&](int64_t ne1, int64_t ne2) {
@@ -521,7 +529,7 @@ bool compact(llama_context * ctx, state & st, llama_kv_cache * kv, const row_mov
         ggml_build_forward_expand(gf, ggml_set_rows(g.get(), cells, ggml_get_rows(g.get(), cells, src_el), dst_el));
     };
 
-    for (int il = 0; il < n_layer; ++il) {
+    for (uint32_t il : layers) {
         ggml_tensor * k = kv->get_k_storage(il);
         ggml_tensor * v = kv->get_v_storage(il);
         const int64_t k_row = ggml_row_size(k->type, hp.n_embd_head_k(il));
@@ -600,8 +608,8 @@ bool snapkv_observe(ggml_tensor * t, bool ask, void * user_data) {
 
 int32_t compress_now(llama_context * ctx, state & st) {
     llama_kv_cache * kv = triattention_kv_cache(ctx);
-    const llama_hparams & hp = ctx->get_model().hparams;
-    const int64_t n_head_kv = hp.n_head_kv(0);
+    const std::vector<uint32_t> layers = kv->get_layer_ids();
+    const int64_t n_head_kv = ctx->get_model().hparams.n_head_kv(layers[0]);
     const int32_t budget = st.params.budget;
     llama_kv_cells & cells = kv->get_cells_mut(0);
     if ((int32_t) cells.get_used() <= budget) {
@@ -615,11 +623,11 @@ int32_t compress_now(llama_context * ctx, state & st) {
     const triattention_method method = (triattention_method) st.params.method;
     // snapkv keeps its observation window; with no window captured yet (a state just loaded,
     // a compression asked before any decode) it falls back to keeping the most recent tokens
-    const bool snap_ready = method == TRIATTENTION_METHOD_SNAPKV && snapkv_window_ready(st, c);
+    const bool snap_ready = method == TRIATTENTION_METHOD_SNAPKV && snapkv_window_ready(st, layers, c);
     if (snap_ready) {
         for (int64_t hk = 0; hk < n_head_kv; ++hk) {
             for (int32_t i = 0; i < c.n_kv; ++i) {
-                if (c.pos[hk][i] >= st.windows[0].pos.front()) {
+                if (c.pos[hk][i] >= st.windows[layers[0]].pos.front()) {
                     c.bonus[hk * c.n_kv + i] = KEEP;
                 }
             }
@@ -700,14 +708,23 @@ const char * triattention_last_error(void) {
 }
 
 llama_kv_cache * triattention_kv_cache(const llama_context * ctx) {
-    return dynamic_cast<llama_kv_cache *>(llama_get_memory(ctx));
+    llama_memory_i * mem = llama_get_memory(ctx);
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        return iswa->get_base();
+    }
+    return dynamic_cast<llama_kv_cache *>(mem);
+}
+
+llama_kv_cache * triattention_swa_cache(const llama_context * ctx) {
+    auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(llama_get_memory(ctx));
+    return iswa != nullptr ? iswa->get_swa() : nullptr;
 }
 
 triattention_runner::triattention_runner(const llama_context * ctx) {
     // every device that holds part of the cache, then the CPU (ggml's scheduler wants it last)
     std::vector<ggml_backend_dev_t> devices;
     if (const llama_kv_cache * kv = triattention_kv_cache(ctx)) {
-        for (uint32_t il = 0; il < ctx->get_model().hparams.n_layer(); ++il) {
+        for (uint32_t il : kv->get_layer_ids()) {
             ggml_backend_buffer_t buf = kv->get_k_storage((int32_t) il)->buffer;
             if (!ggml_backend_buffer_is_host(buf)) {
                 ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(buf));
@@ -751,13 +768,29 @@ int32_t triattention_set_params(llama_context * ctx, triattention_params params)
     }
     if (params.method != TRIATTENTION_METHOD_NONE) {
         const llama_kv_cache * kv = triattention_kv_cache(ctx);
-        if (kv == nullptr || ctx->get_model().hparams.is_swa_any()) {
+        const llama_hparams & hp = ctx->get_model().hparams;
+        if (kv == nullptr) {
             return triattention_fail(std::string("architecture '") + llm_arch_name(ctx->get_model().arch) +
-                                     "' keeps its memory in a sliding-window, recurrent or hybrid cache, "
-                                     "not one full-attention KV cache; it cannot be compressed");
+                                     "' keeps its memory in a recurrent or hybrid cache, not a KV cache of "
+                                     "attention layers; it cannot be compressed");
+        }
+        const std::vector<uint32_t> layers = kv->get_layer_ids();
+        if (layers.empty() || std::any_of(layers.begin(), layers.end(), [&](uint32_t il) { return hp.is_swa(il); })) {
+            return triattention_fail(std::string("architecture '") + llm_arch_name(ctx->get_model().arch) +
+                                     "' has no KV cache of full-attention layers apart from its sliding-window "
+                                     "ones; it cannot be compressed");
         }
         if (ctx->get_cparams().n_seq_max != 1) {
             return triattention_fail("compression needs a context with a single sequence (n_seq_max = 1)");
+        }
+        const llama_kv_cache * swa = triattention_swa_cache(ctx);
+        const int64_t swa_need = (int64_t) hp.n_swa + ctx->get_cparams().n_ubatch;
+        if (swa != nullptr && swa->get_size() < swa_need) {
+            // llama.cpp sizes the window cache from n_ctx too: once the logical length passes the
+            // physical one it must hold a whole window and the ubatch being read
+            return triattention_fail("the sliding-window cache has " + std::to_string(swa->get_size()) +
+                                     " cells; it needs n_swa + n_ubatch = " + std::to_string(swa_need) +
+                                     ": make the context at least that many cells");
         }
         const int64_t need = (int64_t) params.budget + params.divide_length + ctx->get_cparams().n_ubatch;
         if (params.budget < N_SINKS + 1 || params.divide_length < 1 || need > kv->get_size()) {
@@ -828,6 +861,13 @@ int32_t triattention_last_kept(const llama_context * ctx, int32_t * cells, int32
     return (int32_t) st->last_kept.size();
 }
 
+// KV heads of the compressed layers (0 without a cache to compress)
+static int64_t cache_n_head_kv(const llama_context * ctx) {
+    const llama_kv_cache * kv = triattention_kv_cache(ctx);
+    const std::vector<uint32_t> layers = kv != nullptr ? kv->get_layer_ids() : std::vector<uint32_t>();
+    return layers.empty() ? 0 : ctx->get_model().hparams.n_head_kv(layers[0]);
+}
+
 // records: int32 n_head_kv, n_cells, compressed_upto; cell_pos[n_cells]; head_pos[n_head_kv][n_cells]
 static std::vector<int32_t> records_of(const state * st) {
     std::vector<int32_t> out = { 0, 0, -1 };
@@ -862,7 +902,7 @@ int32_t triattention_records_set(llama_context * ctx, const uint8_t * src, size_
     const size_t n_head_kv = rec.size() >= 3 ? (size_t) rec[0] : 0;
     const size_t n_cells   = rec.size() >= 3 ? (size_t) rec[1] : 0;
     if (rec.size() < 3 || size % sizeof(int32_t) != 0 || rec.size() != 3 + n_cells * (1 + n_head_kv) ||
-        (n_cells > 0 && n_head_kv != ctx->get_model().hparams.n_head_kv(0))) {
+        (n_cells > 0 && n_head_kv != cache_n_head_kv(ctx))) {
         return triattention_fail("the compaction records do not match this model");
     }
     state & st = state_of(ctx);

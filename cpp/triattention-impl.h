@@ -19,8 +19,13 @@ int32_t triattention_fail(const std::string & message);
 
 void triattention_clear_error();
 
-// The context's KV cache when it is a plain llama_kv_cache (no SWA/hybrid/recurrent memory).
+// The KV cache that compression works on: the context's llama_kv_cache, or the full-attention
+// part of a sliding-window model's two-part cache (llama_kv_cache_iswa); nullptr for recurrent or
+// hybrid memory. Its layers are kv->get_layer_ids().
 llama_kv_cache * triattention_kv_cache(const llama_context * ctx);
+
+// The sliding-window part of a two-part cache, left to llama.cpp; nullptr for other memory.
+llama_kv_cache * triattention_swa_cache(const llama_context * ctx);
 
 // Runs graphs on the backends that hold a context's cache: one scheduler over every device
 // with KV layers, plus the CPU. Created on first use, kept with the context.

@@ -4,16 +4,41 @@
 
 #include "llama-model.h"
 
+#include <algorithm>
+
+// K and V of every layer of one cache, allocated
+static int64_t cache_bytes(const llama_kv_cache * kv) {
+    int64_t bytes = 0;
+    for (uint32_t il : kv->get_layer_ids()) {
+        bytes += ggml_nbytes(kv->get_k_storage((int32_t) il)) + ggml_nbytes(kv->get_v_storage((int32_t) il));
+    }
+    return bytes;
+}
+
 triattention_cache_info triattention_get_cache_info(const llama_context * ctx) {
-    triattention_cache_info info{0, 0, 0};
+    triattention_cache_info info{0, 0, 0, 0, 0};
     if (const llama_kv_cache * kv = triattention_kv_cache(ctx)) {
         info.cells_used     = (int32_t) kv->get_cells(0).get_used();
         info.cells_capacity = (int32_t) kv->get_size();
-        for (uint32_t il = 0; il < ctx->get_model().hparams.n_layer(); ++il) {
-            info.bytes += ggml_nbytes(kv->get_k_storage((int32_t) il)) + ggml_nbytes(kv->get_v_storage((int32_t) il));
-        }
+        info.bytes          = cache_bytes(kv);
+    }
+    if (const llama_kv_cache * swa = triattention_swa_cache(ctx)) {
+        info.swa_cells_capacity = (int32_t) swa->get_size();
+        info.swa_bytes          = cache_bytes(swa);
     }
     return info;
+}
+
+int32_t triattention_cache_layers(const llama_context * ctx, int32_t * layers, int32_t n_max) {
+    const llama_kv_cache * kv = triattention_kv_cache(ctx);
+    if (kv == nullptr) {
+        return 0;
+    }
+    const std::vector<uint32_t> ids = kv->get_layer_ids();
+    for (int32_t i = 0; i < (int32_t) ids.size() && i < n_max; ++i) {
+        layers[i] = (int32_t) ids[i];
+    }
+    return (int32_t) ids.size();
 }
 
 int32_t triattention_cells_before(const llama_context * ctx, llama_pos pos) {
@@ -55,8 +80,10 @@ static int32_t cells_to_read(llama_context * ctx, int32_t il, int32_t n_max, lla
     if (kv == nullptr) {
         return triattention_fail("the context's memory is not a plain llama_kv_cache");
     }
-    if (il < 0 || il >= (int32_t) ctx->get_model().hparams.n_layer()) {
-        return triattention_fail("layer out of range");
+    const std::vector<uint32_t> layers = kv->get_layer_ids();
+    if (std::find(layers.begin(), layers.end(), (uint32_t) il) == layers.end()) {
+        return triattention_fail("layer " + std::to_string(il) + " is not in the compressed cache "
+                                 "(out of range, or a sliding-window layer)");
     }
     const int32_t n_cells = (int32_t) kv->get_cells(0).used_max_p1();
     if (n_cells > n_max) {

@@ -10,7 +10,7 @@ extern "C" {
 #endif
 
 // Version of this C API; bumped when a declaration here changes.
-#define TRIATTENTION_API_VERSION 1
+#define TRIATTENTION_API_VERSION 2
 
 LLAMA_API int32_t triattention_api_version(void);
 
@@ -112,15 +112,23 @@ struct triattention_stats {
                                // the history shorter than this is no longer held exactly
 };
 
+// Of the cache that compression works on: the context's KV cache, or for a sliding-window model
+// (llama.cpp's two-part iSWA cache) the part of its full-attention layers.
 struct triattention_cache_info {
-    int32_t cells_used;      // of sequence 0's stream
-    int32_t cells_capacity;  // physical cells
-    int64_t bytes;           // K and V of every layer, allocated
+    int32_t cells_used;          // of sequence 0's stream
+    int32_t cells_capacity;      // physical cells
+    int64_t bytes;               // K and V of every layer in it, allocated
+    int32_t swa_cells_capacity;  // the sliding-window part's cells (llama.cpp's own), 0 without one
+    int64_t swa_bytes;           // and its K and V, allocated
 };
 
 LLAMA_API struct triattention_params triattention_default_params(void);
 
 LLAMA_API struct triattention_cache_info triattention_get_cache_info(const struct llama_context * ctx);
+
+// The model layers whose cache is compressed (every layer, or a sliding-window model's
+// full-attention layers), ascending: writes at most n_max, returns how many there are.
+LLAMA_API int32_t triattention_cache_layers(const struct llama_context * ctx, int32_t * layers, int32_t n_max);
 
 // The cells of sequence 0 whose position is below pos: what cutting the sequence at pos keeps
 // (after a compression a cell's position is the newest of the tokens its heads hold).

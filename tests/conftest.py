@@ -18,6 +18,51 @@ def gemma3_path():
     return str(model_path("gemma3-270m"))
 
 
+@pytest.fixture(scope="session")
+def mamba_path(tmp_path_factory):
+    """A tiny Mamba GGUF (recurrent memory: no KV cache to compress), random weights, 16 tokens."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("mamba") / "mamba.gguf"
+    n_embd, d_inner, d_state, d_conv, dt_rank, n_layer = 16, 32, 4, 4, 2, 2
+    tokens = ["<unk>", "<s>", "</s>"] + [f"\u2581{c}" for c in "abcdefghijklm"]
+    w = gguf.GGUFWriter(str(path), "mamba")
+    w.add_context_length(128)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(0)
+    w.add_head_count(0)
+    w.add_ssm_conv_kernel(d_conv)
+    w.add_ssm_inner_size(d_inner)
+    w.add_ssm_state_size(d_state)
+    w.add_ssm_time_step_rank(dt_rank)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types([2, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (n_embd, len(tokens)), "output_norm.weight": (n_embd,)}
+    for i in range(n_layer):
+        shapes.update({f"blk.{i}.{name}": shape for name, shape in {
+            "attn_norm.weight": (n_embd,), "ssm_in.weight": (n_embd, 2 * d_inner),
+            "ssm_conv1d.weight": (d_conv, d_inner), "ssm_conv1d.bias": (d_inner,),
+            "ssm_x.weight": (d_inner, dt_rank + 2 * d_state), "ssm_dt.weight": (dt_rank, d_inner),
+            "ssm_dt.bias": (d_inner,), "ssm_a": (d_state, d_inner), "ssm_d": (d_inner,),
+            "ssm_out.weight": (d_inner, n_embd)}.items()})
+    for name, shape in shapes.items():  # ggml's ne order is numpy's reversed
+        w.add_tensor(name, (0.1 * rng.standard_normal(shape[::-1])).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
 def centred_copy(model: str, dest, tokens: int) -> str:
     """A copy of model at dest with centres from a short calibration of `tokens` tokens."""
     from triattention_gguf.calibrate import compute_centers

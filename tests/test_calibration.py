@@ -25,7 +25,7 @@ def _run_one_chunk(path, **overrides):
     return run_cm, run
 
 
-@pytest.mark.parametrize("model", ["smollm2_path", "qwen_path"])
+@pytest.mark.parametrize("model", ["smollm2_path", "qwen_path", "gemma3_path"])
 def test_centres_match_numpy_recomputation(model, request):
     run_cm, run = _run_one_chunk(request.getfixturevalue(model))
     try:
@@ -46,6 +46,8 @@ def test_centres_match_numpy_recomputation(model, request):
 ROPE_CASES = {
     "smollm2-norm": ("smollm2_path", {}),
     "qwen-neox": ("qwen_path", {}),
+    # local layers (0, 9) at base 10^4, a global one (17) at 10^6: each layer its own frequencies
+    "gemma3-sliding-window": ("gemma3_path", {}),
     "smollm2-linear-scale": ("smollm2_path", {"rope_freq_scale": 0.5}),
     "smollm2-yarn": ("smollm2_path", {"rope_scaling_type": ll.LLAMA_ROPE_SCALING_TYPE_YARN, "rope_freq_scale": 0.25,
                                       "yarn_ext_factor": 1.0, "yarn_orig_ctx": 2048}),
@@ -59,6 +61,7 @@ def test_omega_reproduces_llama_rope(case, request):
     try:
         facts = run.facts
         omega = rope_omega(run.ctx, facts.n_layer, facts.head_dim).astype(np.float64)
+        assert facts.n_swa == 0 or not np.allclose(omega[0], omega[-1])
         positions = np.arange(N_TOKENS, dtype=np.float64)[:, None, None]
         for il in (0, facts.n_layer // 2, facts.n_layer - 1):
             pre = _as_pairs(run.last_queries(il, post_rope=False).astype(np.float64), facts.rope_type)

@@ -4,8 +4,8 @@ import pytest
 
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.calibrate import compute_centers, default_text
-from triattention_gguf.compression import (CompressionError, cache_rows, compress, configure, head_positions,
-                                          last_kept, stats)
+from triattention_gguf.compression import (CompressionError, cache_rows, compress, compressed_layers, configure,
+                                          head_positions, last_kept, stats)
 from triattention_gguf.modelinfo import facts_of, loaded_model, model_context, open_gguf, tokenize
 
 BUDGET, DIVIDE, UBATCH = 64, 32, 32
@@ -174,21 +174,34 @@ class NodeCapture:
         self.callback = ll.ggml_backend_sched_eval_callback(callback)
 
 
+@pytest.fixture(scope="module")
+def gemma3_centres(gemma3_path):
+    return compute_centers(gemma3_path, max_tokens=256, n_threads=2, progress=False)
+
+
+# (layers checked, cells): Gemma 3's cache of full-attention layers is compressed (every 6th layer);
+# its window cache (n_swa 512) must hold a window and a ubatch, so its context has more cells
+ATTENTION_MODELS = {"smollm2": ((0, 13, 29), 256), "gemma3": ((5, 11, 17), 768)}
+
+
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["v-transposed", "v-rows"])
-def test_next_token_attends_exactly_to_the_kept_keys(flash_attn, smollm2_path, smollm2_centres):
-    layers = (0, 13, 29)
+@pytest.mark.parametrize("name", list(ATTENTION_MODELS))
+def test_next_token_attends_exactly_to_the_kept_keys(name, flash_attn, request):
+    path, centres = request.getfixturevalue(f"{name}_path"), request.getfixturevalue(f"{name}_centres")
+    layers, n_ctx = ATTENTION_MODELS[name]
     capture = NodeCapture([f"Qcur-{il}:ROPE" for il in layers] + [f"kqv_out-{il}:CONT" for il in layers]
                           + [f"kqv_out-{il}:RESHAPE" for il in layers])
-    with loaded_model(smollm2_path) as model:
-        facts = facts_of(smollm2_path, open_gguf(smollm2_path), model)
+    with loaded_model(path) as model:
+        facts = facts_of(path, open_gguf(path), model)
         hd, h, hkv = facts.head_dim, facts.n_head, facts.n_head_kv
-        with open_ctx(model, flash_attn, cb_eval=capture.callback) as ctx:
-            configure(ctx, "tri", BUDGET, DIVIDE, centers=smollm2_centres)
+        with open_ctx(model, flash_attn, n_ctx=n_ctx, cb_eval=capture.callback) as ctx:
+            assert set(layers) <= set(compressed_layers(ctx))
+            configure(ctx, "tri", BUDGET, DIVIDE, centers=centres)
             tokens = tokenize(model, default_text()[:4000])
             decode(ctx, tokens[:N_PROMPT])
             compress(ctx)
             kept = last_kept(ctx, hkv, BUDGET)
-            assert any(not np.array_equal(kept[0], kept[k]) for k in range(1, hkv))  # truly per head
+            assert hkv == 1 or any(not np.array_equal(kept[0], kept[k]) for k in range(1, hkv))  # truly per head
             capture.data.clear()
             decode(ctx, [tokens[N_PROMPT]])  # lands in cell BUDGET, at position N_PROMPT
             assert ll.llama_memory_seq_pos_max(ll.llama_get_memory(ctx), 0) == N_PROMPT
@@ -320,7 +333,41 @@ def test_a_batch_larger_than_a_ubatch_is_refused_once_compressing(smollm2_path):
             assert ll.llama_memory_seq_pos_max(ll.llama_get_memory(ctx), 0) == N_PROMPT - 1  # nothing lost
 
 
-def test_sliding_window_model_is_refused_by_name(gemma3_path):
-    with loaded_model(gemma3_path) as model, model_context(model, n_ctx=512, n_threads=2) as ctx:
-        with pytest.raises(CompressionError, match="architecture 'gemma3'.*sliding-window.*cannot be compressed"):
-            configure(ctx, "knorm", 128, 32)
+def test_sliding_window_model_compresses_its_full_attention_layers(gemma3_path):
+    """Gemma 3: llama.cpp's two-part cache; compaction moves rows in the full-attention part only."""
+    with loaded_model(gemma3_path) as model:
+        facts = facts_of(gemma3_path, open_gguf(gemma3_path), model)
+        hd, hkv = facts.head_dim, facts.n_head_kv
+        with model_context(model, n_ctx=512, n_threads=2, n_ubatch=UBATCH) as ctx:
+            # the window cache is sized from n_ctx as well, and must hold n_swa + n_ubatch cells
+            with pytest.raises(CompressionError, match="sliding-window cache has 512 cells; it needs n_swa "
+                                                       "\\+ n_ubatch = 544: make the context at least"):
+                configure(ctx, "knorm", BUDGET, DIVIDE)
+        with open_ctx(model, False, n_ctx=768) as ctx:
+            layers = compressed_layers(ctx)
+            assert layers == [il for il in range(facts.n_layer) if il % 6 == 5]
+            with pytest.raises(CompressionError, match="layer 0 is not in the compressed cache.*sliding-window"):
+                cache_rows(ctx, 0, hkv * hd, hkv * hd)
+            configure(ctx, "knorm", BUDGET, DIVIDE)
+            decode(ctx, tokenize(model, default_text()[:4000])[:N_PROMPT])
+            before = {il: cache_rows(ctx, il, hkv * hd, hkv * hd) for il in layers}
+            compress(ctx)
+            kept = last_kept(ctx, hkv, BUDGET)
+            info = lib.triattention_get_cache_info(ctx)
+            assert info.cells_used == BUDGET and info.cells_capacity == 768 and info.swa_cells_capacity == 768
+            assert ll.llama_memory_seq_pos_max(ll.llama_get_memory(ctx), 0) == N_PROMPT - 1
+            for il in layers:
+                k_after, v_after = cache_rows(ctx, il, hkv * hd, hkv * hd)
+                assert np.array_equal(k_after[:, :hd], before[il][0][kept[0], :hd]), il
+                assert np.array_equal(v_after[:, :hd], before[il][1][kept[0], :hd]), il
+
+
+def test_recurrent_model_is_refused_by_name(mamba_path):
+    from triattention_gguf import Llama
+    from triattention_gguf.modelinfo import ModelFileError
+
+    with loaded_model(mamba_path) as model, model_context(model, n_ctx=128, n_threads=2) as ctx:
+        with pytest.raises(CompressionError, match="architecture 'mamba'.*recurrent or hybrid cache.*cannot be compressed"):
+            configure(ctx, "knorm", 32, 16)
+    with pytest.raises(ModelFileError, match="architecture 'mamba' has no attention heads"):
+        Llama(mamba_path, kv_compress="streaming", verbose=False)

@@ -4,7 +4,7 @@ import pytest
 from conftest import centred_copy
 
 from triattention_gguf import Llama
-from triattention_gguf._lib import METHODS
+from triattention_gguf._lib import METHODS, lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import CentersError
 from triattention_gguf.compression import CompressionError
 
@@ -195,3 +195,49 @@ def test_qwen_every_method_stays_within_its_cells(method, qwen_centred):
     assert out["usage"]["completion_tokens"] == 100 or out["choices"][0]["finish_reason"] == "stop"
     assert kv["compressions"] >= 1 and kv["cells_used"] <= 32 + 16 + 32
     assert kv["logical_pos"] == out["usage"]["total_tokens"] - 1  # the last sampled token is not decoded
+
+
+@pytest.fixture(scope="module")
+def gemma3_centred(gemma3_path, tmp_path_factory):
+    return centred_copy(gemma3_path, tmp_path_factory.mktemp("gemma3") / "gemma3.gguf", 256)
+
+
+GEMMA_PROMPT = "<start_of_turn>user\nWrite a long story about a lighthouse keeper.<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_sliding_window_model_generates_within_its_cells(gemma3_centred):
+    """Gemma 3: the full-attention layers' cache is compressed and bounded, llama.cpp keeps the
+    sliding-window layers in a window-sized cache of their own, and positions go past both."""
+    llm = Llama(gemma3_centred, kv_compress="tri", kv_budget=128, kv_divide_length=32, n_ctx=4096, n_threads=2,
+                n_ubatch=64, verbose=False)
+    out = llm(GEMMA_PROMPT, max_tokens=1000, temperature=0.0)
+    kv = llm.kv_stats()
+    assert out["usage"]["completion_tokens"] == 1000
+    # llama.cpp sizes both parts from n_ctx: the window part needs n_swa (512) + n_ubatch cells
+    assert kv["cells_capacity"] == kv["swa_cells_capacity"] == 768
+    assert kv["cells_used"] <= 128 + 32 + 64 and kv["compressions"] >= 20
+    assert kv["logical_pos"] == out["usage"]["total_tokens"] - 1 > kv["cells_capacity"]
+    assert kv["kv_bytes"] == lib.triattention_get_cache_info(llm._ctx.ctx).bytes + kv["swa_kv_bytes"]
+    assert kv["kv_bytes_full"] > kv["kv_bytes"]
+
+
+def test_a_cut_older_than_the_window_is_read_again(gemma3_path):
+    """A cut is served only while the window cache still holds the n_swa tokens before it;
+    otherwise the prompt is read again, and the answer equals a fresh instance's."""
+    # a long divide_length: the compressed history alone would serve any cut past budget + divide_length
+    kw = dict(kv_compress="streaming", kv_budget=64, kv_divide_length=700, n_ctx=4096, n_threads=2, n_ubatch=64,
+              verbose=False)
+    llm = Llama(gemma3_path, **kw)
+    first = llm.tokenize(GEMMA_PROMPT.encode(), special=True)
+    history = first + list(_take(llm.generate(first, temp=0.0), 1600))[:-1]
+    from triattention_gguf.compression import stats
+
+    assert stats(llm._ctx.ctx)["compressed_upto"] > 900 > 64 + 700
+    assert ll.llama_memory_seq_pos_min(ll.llama_get_memory(llm._ctx.ctx), 0) > 900 - 512  # the window moved on
+    near = history[:-20] + llm.tokenize(b" The end.")  # cut 20 tokens back: served
+    list(_take(llm.generate(near, temp=0.0), 4))
+    assert llm.prompt_reuse()["reused"] == len(history) - 20
+    far = history[:900] + llm.tokenize(b" The end.")  # its window is gone: read from the start
+    again = list(_take(llm.generate(far, temp=0.0), 8))
+    assert llm.prompt_reuse()["reused"] == 0
+    assert again == list(_take(Llama(gemma3_path, **kw).generate(far, temp=0.0), 8))

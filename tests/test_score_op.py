@@ -46,8 +46,8 @@ def reference_scores(keys, pos, t, centres, omega_l, il, rotated):
 
 
 @pytest.fixture(scope="module")
-def centres_of(smollm2_path, qwen_path):
-    paths = {"smollm2": smollm2_path, "qwen": qwen_path}
+def centres_of(smollm2_path, qwen_path, gemma3_path):
+    paths = {"smollm2": smollm2_path, "qwen": qwen_path, "gemma3": gemma3_path}
     return {name: (path, compute_centers(path, max_tokens=256, n_threads=2, progress=False))
             for name, path in paths.items()}
 
@@ -76,16 +76,18 @@ def test_op_matches_numpy_reference(model, k_type, centres_of):
                 assert np.std(scores) > 1e-3 * scale  # not a constant
 
 
-def test_engine_keeps_the_top_budget_of_algorithm_md(centres_of):
+@pytest.mark.parametrize("model", ["qwen", "gemma3"])
+def test_engine_keeps_the_top_budget_of_algorithm_md(model, centres_of):
     """The kept sets equal a numpy aggregation of the op's scores (algorithm.md §4): z-score per
-    (layer, head), max over each GQA group, mean over layers, newest kept, top-B per KV head."""
-    from triattention_gguf.compression import compress, configure, last_kept
+    (layer, head), max over each GQA group, mean over the compressed layers (Gemma 3: its
+    full-attention layers, each with its own RoPE frequencies), newest kept, top-B per KV head."""
+    from triattention_gguf.compression import compress, compressed_layers, configure, last_kept
 
-    path, centres = centres_of["qwen"]
+    path, centres = centres_of[model]
     budget = 64
     with loaded_model(path) as mdl:
         facts = facts_of(path, open_gguf(path), mdl)
-        with model_context(mdl, n_ctx=512, n_threads=2, n_ubatch=128) as ctx:
+        with model_context(mdl, n_ctx=768, n_threads=2, n_ubatch=128) as ctx:
             configure(ctx, "tri", budget, 64, centers=centres)
             tokens = tokenize(mdl, default_text()[:6000])[:120]
             arr = (ll.llama_token * len(tokens))(*tokens)
@@ -94,7 +96,7 @@ def test_engine_keeps_the_top_budget_of_algorithm_md(centres_of):
             q, w = virtual_queries(centres, omega, len(tokens) - 1)
             gqa = facts.n_head // facts.n_head_kv
             total = 0
-            for il in range(facts.n_layer):
+            for il in compressed_layers(ctx):
                 s = score_cache_layer(ctx, il, q[il], w[il], facts.n_head_kv)[0].astype(np.float64)
                 z = (s - s.mean(1, keepdims=True)) / (s.std(1, keepdims=True) + 1e-6)
                 total = total + z.reshape(facts.n_head_kv, gqa, -1).max(axis=1)

@@ -139,3 +139,17 @@ def test_props_and_metrics_describe_the_server(base):
                  "triattention_kv_cells_used", "triattention_kv_cells_capacity", "triattention_compressions_total",
                  "triattention_compress_seconds_total"):
         assert f"\n{name}" in text, name
+
+
+def test_a_sliding_window_model_is_served_compressed(server_factory, gemma3_path, tmp_path):
+    """Gemma 3: its full-attention cache is compressed; /props reports the window cache beside it."""
+    from conftest import centred_copy
+
+    gemma = server_factory(centred_copy(gemma3_path, tmp_path / "gemma3.gguf", 256), "--alias", "gemma",
+                           "--kv-budget", "128", "--kv-divide-length", "32", "--n-ctx", "4096", "--threads", "2")
+    client = openai.OpenAI(base_url=f"{gemma}/v1", api_key="unused", timeout=600)
+    out = client.completions.create(model="gemma", prompt="Once upon a time", max_tokens=1200, temperature=0)
+    kv = httpx.get(f"{gemma}/props").json()["kv_compress"]
+    assert out.usage.completion_tokens == 1200 and kv["compressions"] > 0
+    assert kv["swa_cells_capacity"] > 0 and kv["cells_used"] <= 128 + 32
+    assert kv["logical_pos"] > kv["cells_capacity"]

@@ -1,49 +1,42 @@
 """Load our patched libllama into llama-cpp-python and bind our C API.
 
 llama-cpp-python 0.3.36 is installed without its own native build; its ctypes
-loader reads LLAMA_CPP_LIB_PATH for the folder holding libllama. We point it
-at the libraries built with this package, before llama_cpp is imported, and
-check that what got loaded exports our symbols.
+loader reads LLAMA_CPP_LIB_PATH for the folder holding libllama. The package's
+.pth hook (_libpath) makes it load our library in any import order; here we
+install that hook too (for an interpreter started before the package was
+installed) and check that what got loaded exports our symbols.
 """
 from __future__ import annotations
 
 import ctypes
 import os
-import sys
 from pathlib import Path
 
-import triattention_gguf
-
-LIB_ENV = "TRIATTENTION_LIB_PATH"
-_LIB_NAME = "libllama.so"
+from triattention_gguf import _libpath
 
 
 def lib_dir() -> Path:
     """The folder with our libllama: $TRIATTENTION_LIB_PATH, else lib/ inside the package."""
-    override = os.environ.get(LIB_ENV)
-    if override:
-        return Path(override)
-    # An editable install spreads the package over the source tree and the build output.
-    for base in triattention_gguf.__path__:
-        candidate = Path(base) / "lib"
-        if (candidate / _LIB_NAME).exists():
-            return candidate
-    raise ImportError(
-        "triattention_gguf's native libraries were not found in "
-        f"{[str(Path(b) / 'lib') for b in triattention_gguf.__path__]}; "
-        "build them with `make setup` (or `pip install .`), or set "
-        f"{LIB_ENV} to the folder holding {_LIB_NAME}")
+    found = _libpath.lib_dir()
+    if found is None:
+        raise ImportError(
+            f"triattention_gguf's native libraries were not found in {[str(d) for d in _libpath.lib_dirs()]}; "
+            "build them with `make setup` (or the pip command in the README), or set "
+            f"{_libpath.LIB_ENV} to the folder holding {_libpath.LIB_NAME}")
+    return found
 
 
 def _load_llama_cpp():
-    if "llama_cpp" not in sys.modules:
-        os.environ["LLAMA_CPP_LIB_PATH"] = str(lib_dir())
+    lib_dir()
+    _libpath.install()
     import llama_cpp.llama_cpp as bindings
 
     if not hasattr(bindings._lib, "triattention_api_version"):
+        chosen = os.environ.get("LLAMA_CPP_LIB_PATH")
         raise ImportError(
-            f"llama_cpp loaded a libllama without TriAttention ({bindings._base_path}); "
-            "import triattention_gguf before llama_cpp, or unset LLAMA_CPP_LIB_PATH")
+            f"llama_cpp loaded a libllama without TriAttention from {bindings._base_path}: " +
+            (f"LLAMA_CPP_LIB_PATH is set ({chosen}); unset it to use the library built with triattention_gguf"
+             if chosen else "llama_cpp was imported before triattention_gguf was installed; start a new interpreter"))
     return bindings
 
 
@@ -86,7 +79,8 @@ class Stats(ctypes.Structure):
 
 
 class CacheInfo(ctypes.Structure):
-    _fields_ = [("cells_used", ctypes.c_int32), ("cells_capacity", ctypes.c_int32), ("bytes", ctypes.c_int64)]
+    _fields_ = [("cells_used", ctypes.c_int32), ("cells_capacity", ctypes.c_int32), ("bytes", ctypes.c_int64),
+                ("swa_cells_capacity", ctypes.c_int32), ("swa_bytes", ctypes.c_int64)]
 
 
 METHODS = {"none": 0, "tri": 1, "streaming": 2, "knorm": 3, "random": 4, "snapkv": 5}
@@ -96,6 +90,7 @@ _bind("triattention_set_params", ctypes.c_int32, _vp, Params)
 _bind("triattention_set_centers", ctypes.c_int32, _vp, _f32p, _f32p, _f32p, ctypes.c_int64)
 _bind("triattention_compress", ctypes.c_int32, _vp)
 _bind("triattention_get_cache_info", CacheInfo, _vp)
+_bind("triattention_cache_layers", ctypes.c_int32, _vp, _i32p, ctypes.c_int32)
 _bind("triattention_cells_before", ctypes.c_int32, _vp, ctypes.c_int32)
 _bind("triattention_records_size", ctypes.c_size_t, _vp)
 _bind("triattention_records_get", ctypes.c_size_t, _vp, ctypes.c_char_p, ctypes.c_size_t)

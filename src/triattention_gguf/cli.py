@@ -33,6 +33,8 @@ def _demo_model() -> Path:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from triattention_gguf import Llama
 
     _quiet_llama(False)
@@ -44,10 +46,12 @@ def _demo(args: argparse.Namespace) -> int:
         llm = Llama(model_path=str(path), n_ctx=args.n_ctx, n_threads=args.threads, seed=0, verbose=False,
                     kv_compress=method, kv_budget=args.kv_budget, kv_divide_length=64, n_ubatch=128)
         tokens, start = [], time.perf_counter()
-        for token in llm.generate(llm.tokenize(prompt.encode(), special=True), temp=0.0):
-            tokens.append(token)
-            if len(tokens) == args.max_tokens:
-                break
+        with tqdm(total=args.max_tokens, desc=f"generating, kv_compress={method!r}", unit="token") as bar:
+            for token in llm.generate(llm.tokenize(prompt.encode(), special=True), temp=0.0):
+                tokens.append(token)
+                bar.update()
+                if len(tokens) == args.max_tokens:
+                    break
         seconds = time.perf_counter() - start
         runs[method] = (tokens, seconds, llm.kv_stats(), llm.detokenize(tokens).decode(errors="replace"))
     print(f"model: {path}\n\n--- kv_compress='tri', kv_budget={args.kv_budget}: the end of the text ---")

@@ -40,6 +40,12 @@ def prompt_ubatch(budget: int, divide_length: int, largest: int = 512) -> int:
     return largest - (budget + divide_length + largest) % CELL_PAGE
 
 
+def physical_cells(budget: int, divide_length: int, n_ubatch: int, n_swa: int = 0) -> int:
+    """The cells a compressed context needs: budget + divide_length + one ubatch. llama.cpp sizes a
+    sliding-window model's window cache from the same n_ctx, and that must hold the window and a ubatch."""
+    return max(budget + divide_length + n_ubatch, n_swa + n_ubatch if n_swa else 0)
+
+
 def configure(ctx, method: str, budget: int = 2048, divide_length: int = 128, select: str = "per-head",
               seed: int = 0, centers: Centers | None = None) -> None:
     """Compress ctx's cache with `method` to `budget` cells whenever budget + divide_length is reached."""
@@ -83,6 +89,14 @@ def head_positions(ctx) -> np.ndarray:
     rec = np.frombuffer(buf.raw, dtype=np.int32)
     n_head_kv, n_cells = int(rec[0]), int(rec[1])
     return rec[3 + n_cells:].reshape(n_head_kv, n_cells).copy()
+
+
+def compressed_layers(ctx) -> list[int]:
+    """The layers whose cache compression works on: every layer, or only the full-attention
+    layers of a sliding-window model (llama.cpp keeps their window-sized cache apart)."""
+    out = np.zeros(1024, dtype=np.int32)
+    n = lib.triattention_cache_layers(ctx, out.ctypes.data_as(_i32p), out.size)
+    return out[:n].tolist()
 
 
 def cache_rows(ctx, il: int, k_width: int, v_width: int) -> tuple[np.ndarray, np.ndarray]:

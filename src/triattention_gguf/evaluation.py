@@ -4,7 +4,7 @@
   as it would while decoding); every position's next-token distribution is compared with
   the full cache's: KL(full || method), top-1 agreement, and the perplexity of both.
 - recall: at checkpoints, the share of the full-cache attention of the next chunk's queries
-  (every layer and query head) that falls on the keys the compressed cache still holds.
+  (every compressed layer and query head) that falls on the keys the compressed cache still holds.
 - retrieval: a pass key placed early in a long text, asked for at the end; and a number the
   model wrote itself at the start, asked for after a long text.
 """
@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from triattention_gguf.calibrate import default_text, last_queries, query_capture
-from triattention_gguf.compression import cache_rows
+from triattention_gguf.compression import cache_rows, compressed_layers
 from triattention_gguf.harness import FULL, Config, Runner, configs_for, parse_budgets, runners
 from triattention_gguf.modelinfo import ModelFacts, detokenize, model_with_facts, tokenize
 
@@ -59,7 +59,8 @@ def _recall(full: Runner, calib, facts: ModelFacts, start: int, n: int, others: 
     held = [_held(r, facts, start) for r in others]
     causal = np.arange(start + n)[None, :] > (start + np.arange(n))[:, None]
     shares = np.zeros(len(others))
-    for il in range(facts.n_layer):
+    layers = compressed_layers(full.ctx)  # a sliding-window model's window layers are llama.cpp's own
+    for il in layers:
         q = last_queries(calib, facts, il, True, n)  # [n, h, hd]
         k = cache_rows(full.ctx, il, hkv * hd, hkv * hd)[0].reshape(-1, hkv, hd)[:, np.arange(h) // (h // hkv)]
         logits = np.einsum("qhd,khd->hqk", q, k) / np.float32(np.sqrt(hd))
@@ -69,7 +70,7 @@ def _recall(full: Runner, calib, facts: ModelFacts, start: int, n: int, others: 
         mass = np.maximum(old.sum(-1), 1e-30)
         for i, mask in enumerate(held):
             shares[i] += ((old * mask[:, None, :]).sum(-1) / mass).mean()
-    return list(shares / facts.n_layer)
+    return list(shares / len(layers))
 
 
 def fidelity(model, facts: ModelFacts, tokens: list[int], configs: list[Config], divide_length: int, chunk: int,

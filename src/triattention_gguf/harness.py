@@ -10,7 +10,7 @@ import numpy as np
 
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import Centers, load_centers
-from triattention_gguf.compression import check_arguments, configure, head_positions, stats
+from triattention_gguf.compression import check_arguments, configure, head_positions, physical_cells, stats
 from triattention_gguf.modelinfo import ModelFacts, model_context
 
 FULL = "none"
@@ -57,7 +57,7 @@ class Runner:
                  divide_length: int, chunk: int, n_threads: int | None, centres: Centers | None, **overrides):
         self.config, self.n_past, self.n_vocab = config, 0, ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(model))
         compressing = config.method != FULL
-        physical = config.budget + divide_length + chunk if compressing else n_ctx
+        physical = physical_cells(config.budget, divide_length, chunk, facts.n_swa) if compressing else n_ctx
         self.ctx = stack.enter_context(model_context(model, n_ctx=physical, n_threads=n_threads, n_ubatch=chunk,
                                                      **overrides))
         if compressing:
@@ -110,7 +110,7 @@ class Runner:
     def stats(self) -> dict:
         s = stats(self.ctx)  # zeros for a context that never compressed
         info = lib.triattention_get_cache_info(self.ctx)
-        return {**s, "kv_bytes": info.bytes, "cells_capacity": info.cells_capacity}
+        return {**s, "kv_bytes": info.bytes + info.swa_bytes, "cells_capacity": info.cells_capacity}
 
     def kept_positions(self) -> list[np.ndarray]:
         """Per KV head, the positions that the compacted cells hold (empty before any compression)."""

@@ -48,6 +48,9 @@ def report(path: str | os.PathLike) -> tuple[str, Centers | None]:
         f"(periods {2 * np.pi / w.max():.3g} .. {2 * np.pi / w.min():.3g} tokens)",
         f"  fingerprint {facts.fingerprint}",
     ]
+    if facts.n_swa:
+        lines.insert(3, f"  sliding window {facts.n_swa} tokens in some layers: compression works on the "
+                        "full-attention layers, llama.cpp keeps the others in a window-sized cache")
     centers = read_centers(path)
     if centers is None:
         lines.append(f"centres: none (compute them with `triattention-gguf embed-centers {path}`)")

@@ -9,7 +9,8 @@ import numpy as np
 
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import load_centers
-from triattention_gguf.compression import CompressionError, check_arguments, configure, prompt_ubatch, stats
+from triattention_gguf.compression import (CompressionError, check_arguments, configure, physical_cells, prompt_ubatch,
+                                          stats)
 from triattention_gguf.modelinfo import read_facts
 
 
@@ -28,7 +29,9 @@ class Llama(llama_cpp.Llama):
 
     With compression the physical cache holds kv_budget + kv_divide_length + n_ubatch cells,
     however long n_ctx is; prompts are read in chunks of n_ubatch tokens (default: at most 512,
-    chosen so that llama.cpp's rounding of the cache to 256 cells adds nothing).
+    chosen so that llama.cpp's rounding of the cache to 256 cells adds nothing). A sliding-window
+    model (Gemma 3, ...) compresses its full-attention layers; llama.cpp keeps its sliding-window
+    layers in a cache of their own, window-sized unless swa_full=True.
     """
 
     def __init__(self, model_path: str, *args, kv_compress: str = "none", kv_budget: int = 2048,
@@ -44,8 +47,11 @@ class Llama(llama_cpp.Llama):
             centres = load_centers(facts) if kv_compress == "tri" else None
             logical_n_ctx = logical_n_ctx or facts.n_ctx_train
             n_ubatch = kwargs.setdefault("n_ubatch", prompt_ubatch(kv_budget, kv_divide_length))
-            kwargs["n_ctx"] = kv_budget + kv_divide_length + n_ubatch
+            kwargs["n_ctx"] = physical_cells(kv_budget, kv_divide_length, n_ubatch, facts.n_swa)
             kwargs["n_batch"] = min(kwargs.get("n_batch", 512), n_ubatch)
+            # llama.cpp's default sizes a sliding-window cache like the whole context; the window is enough
+            if kwargs.get("swa_full") is None:
+                kwargs["swa_full"] = False
         self._logical_n_ctx = logical_n_ctx
         super().__init__(model_path, *args, **kwargs)
         if kv_compress != "none":
@@ -103,10 +109,21 @@ class Llama(llama_cpp.Llama):
         edits its last turn) keeps the cells older than the cut: served when reading that prefix
         afresh would have compressed it too (cut > budget + divide_length) and the cache still
         holds budget - divide_length of its tokens; otherwise the prompt is read again."""
+        if not self._window_holds(cut):
+            return False
         if stats(self._ctx.ctx)["compressed_upto"] < cut:
             return True
         budget, divide = self._kv_budget, self._kv_divide_length
         return cut > budget + divide and lib.triattention_cells_before(self._ctx.ctx, cut) >= budget - divide
+
+    def _window_holds(self, cut: int) -> bool:
+        """Whether a sliding-window model's window cache, cut at `cut`, still holds every token
+        that the token at `cut` attends to (llama.cpp reuses cells that left the window)."""
+        n_swa = ll.llama_model_n_swa(self._model.model)
+        if n_swa <= 0 or lib.triattention_get_cache_info(self._ctx.ctx).swa_cells_capacity == 0:
+            return True
+        oldest = ll.llama_memory_seq_pos_min(ll.llama_get_memory(self._ctx.ctx), 0)
+        return 0 <= oldest <= max(0, cut - n_swa + 1)
 
     def save_state(self) -> llama_cpp.LlamaState:
         state = super().save_state()
@@ -126,16 +143,20 @@ class Llama(llama_cpp.Llama):
     def kv_stats(self) -> dict:
         """Cache use: cells_used / cells_capacity (physical), logical_pos (tokens in the
         conversation), kv_bytes (allocated), kv_bytes_full (what a full cache would need at
-        this logical length), compressions, compress_seconds."""
+        this logical length), compressions, compress_seconds. For a sliding-window model the
+        cells are those of its full-attention layers; swa_cells_capacity and swa_kv_bytes give
+        llama.cpp's window cache of the other layers, counted in kv_bytes and kv_bytes_full."""
         info = lib.triattention_get_cache_info(self._ctx.ctx)
         logical = ll.llama_memory_seq_pos_max(ll.llama_get_memory(self._ctx.ctx), 0) + 1
         s = stats(self._ctx.ctx)
         return {
             "cells_used": info.cells_used,
             "cells_capacity": info.cells_capacity,
+            "swa_cells_capacity": info.swa_cells_capacity,
             "logical_pos": logical,
-            "kv_bytes": info.bytes,
-            "kv_bytes_full": info.bytes * logical // max(1, info.cells_capacity),
+            "kv_bytes": info.bytes + info.swa_bytes,
+            "kv_bytes_full": info.bytes * logical // max(1, info.cells_capacity) + info.swa_bytes,
+            "swa_kv_bytes": info.swa_bytes,
             "compressions": s["compressions"],
             "compress_seconds": s["compress_seconds"],
         }

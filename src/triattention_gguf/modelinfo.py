@@ -39,6 +39,7 @@ class ModelFacts:
     rope_type: str
     n_ctx_train: int
     fingerprint: str
+    n_swa: int = 0  # tokens in a sliding-window layer's window (Gemma 3, ...), 0 without such layers
 
     @property
     def n_pairs(self) -> int:
@@ -180,7 +181,7 @@ def facts_of(path: str | os.PathLike, reader: gguf.GGUFReader, model) -> ModelFa
         n_layer=ll.llama_model_n_layer(model), n_head=n_head, n_head_kv=ll.llama_model_n_head_kv(model),
         head_dim=lib.triattention_model_head_dim(model), n_rot=lib.triattention_model_n_rot(model),
         rope_type=ROPE_TYPES[rope], n_ctx_train=ll.llama_model_n_ctx_train(model),
-        fingerprint=fingerprint(reader))
+        fingerprint=fingerprint(reader), n_swa=max(0, ll.llama_model_n_swa(model)))
 
 
 @contextlib.contextmanager

