@@ -225,6 +225,19 @@ candidates gather_candidates(const state & st, const llama_kv_cells & cells, int
     return c;
 }
 
+// A non-finite score (infinite weight scales, a RoPE base of 0, absurd centres) would leave the
+// sort's order undefined and could evict the newest token. Scores [n_head_kv][n_kv] include the
+// bonus; finite ones are clamped so that the bonus still dominates, and a non-finite one becomes
+// its cell's bonus: kept for the newest token, evicted for an empty cell, else below every finite score.
+void rank_non_finite_last(std::vector<float> & scores, const candidates & c) {
+    constexpr float LIMIT = 1e28f;
+    for (size_t i = 0; i < scores.size(); ++i) {
+        const float bonus = c.bonus[i];
+        float & s = scores[i];
+        s = std::isfinite(s) ? std::clamp(s - bonus, -LIMIT, LIMIT) + bonus : bonus != 0.0f ? bonus : -10.0f * LIMIT;
+    }
+}
+
 // Keep the top `budget` of each row of scores [n_rows][n_kv] (host); ties go to the newer token.
 std::vector<int32_t> top_per_row(const std::vector<float> & scores, const candidates & c, int64_t n_rows,
                                  int32_t budget) {
@@ -641,6 +654,7 @@ int32_t compress_now(llama_context * ctx, state & st) {
     } else {
         scores = host_scores(st, c);
     }
+    rank_non_finite_last(scores, c);
     std::vector<int32_t> kept;
     if (st.params.select == TRIATTENTION_SELECT_SHARED) {
         std::vector<float> mean(c.n_kv, 0.0f);
@@ -682,6 +696,9 @@ int32_t compress_now(llama_context * ctx, state & st) {
         cells.pos_set(j, cell_pos[j]);
         cells.seq_add(j, 0);
     }
+    // llama.cpp's slot search would go on from where the last ubatch ended, leaving a gap that
+    // attention then reads over: the next ubatch goes into the first free cells instead
+    kv->set_head(0, (uint32_t) budget);
     st.head_pos = std::move(head_pos);
     st.cell_pos = std::move(cell_pos);
     st.last_kept = std::move(moves.layout);

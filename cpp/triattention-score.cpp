@@ -16,9 +16,10 @@ static int64_t cache_bytes(const llama_kv_cache * kv) {
 }
 
 triattention_cache_info triattention_get_cache_info(const llama_context * ctx) {
-    triattention_cache_info info{0, 0, 0, 0, 0};
+    triattention_cache_info info{0, 0, 0, 0, 0, 0};
     if (const llama_kv_cache * kv = triattention_kv_cache(ctx)) {
         info.cells_used     = (int32_t) kv->get_cells(0).get_used();
+        info.cells_span     = (int32_t) kv->get_cells(0).used_max_p1();
         info.cells_capacity = (int32_t) kv->get_size();
         info.bytes          = cache_bytes(kv);
     }

@@ -116,6 +116,7 @@ struct triattention_stats {
 // (llama.cpp's two-part iSWA cache) the part of its full-attention layers.
 struct triattention_cache_info {
     int32_t cells_used;          // of sequence 0's stream
+    int32_t cells_span;          // one past its last used cell: the cells attention reads (before padding)
     int32_t cells_capacity;      // physical cells
     int64_t bytes;               // K and V of every layer in it, allocated
     int32_t swa_cells_capacity;  // the sliding-window part's cells (llama.cpp's own), 0 without one

@@ -255,3 +255,12 @@ def test_killed_mid_write_leaves_the_original_intact(embedded):
     proc.wait()
     assert sha256(embedded) == before
     assert read_centers(embedded) is not None
+    # the next run removes the killed process's copy and says so; a running writer's copy stays
+    (stale,) = embedded.parent.glob("*.triattention-tmp")
+    assert f".{embedded.name}.{proc.pid}." in stale.name
+    live = embedded.parent / f".{embedded.name}.{os.getpid()}.x1y2.triattention-tmp"
+    live.write_bytes(b"in progress")
+    result = cli("strip-centers", embedded)
+    assert result.returncode == 0 and f"removed {stale}: a temporary copy left by an interrupted run" in result.stderr
+    assert not stale.exists() and live.exists()
+    assert read_centers(embedded) is None

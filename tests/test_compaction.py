@@ -317,8 +317,14 @@ def test_prompt_many_times_the_cache_is_read_in_chunks(smollm2_path):
         with open_ctx(model, False, n_ctx=BUDGET + DIVIDE + UBATCH) as ctx:
             configure(ctx, "knorm", BUDGET, DIVIDE)
             assert len(prompt) > 5 * ll.llama_n_ctx(ctx)  # llama.cpp pads n_ctx to 256 cells
-            decode(ctx, prompt)  # any chunk that did not fit would fail to decode
+            spans = []
+            for start in range(0, len(prompt), UBATCH):  # any chunk that did not fit would fail to decode
+                decode(ctx, prompt[start:start + UBATCH])
+                spans.append(lib.triattention_get_cache_info(ctx).cells_span)
             assert ll.llama_memory_seq_pos_max(ll.llama_get_memory(ctx), 0) == len(prompt) - 1
+            # cells stay packed: each chunk goes into the first free cells after a compaction, so
+            # attention never reads past budget + divide_length cells (not up to the cache's 256)
+            assert max(spans) == BUDGET + DIVIDE
             assert stats(ctx)["compressions"] >= (len(prompt) - BUDGET) // (DIVIDE + UBATCH)
 
 
@@ -371,3 +377,22 @@ def test_recurrent_model_is_refused_by_name(mamba_path):
             configure(ctx, "knorm", 32, 16)
     with pytest.raises(ModelFileError, match="architecture 'mamba' has no attention heads"):
         Llama(mamba_path, kv_compress="streaming", verbose=False)
+
+
+def test_non_finite_scores_never_evict_the_newest_token(smollm2_path, smollm2_centres):
+    """Centres of 1e30 make every tri score non-finite: the order stays defined, the newest token
+    is kept in every head and decoding goes on."""
+    import dataclasses
+
+    absurd = dataclasses.replace(smollm2_centres, q_mean=smollm2_centres.q_mean * np.float32(1e30),
+                                 q_abs_mean=smollm2_centres.q_abs_mean * np.float32(1e30))
+    with loaded_model(smollm2_path) as model, open_ctx(model, False) as ctx:
+        configure(ctx, "tri", BUDGET, DIVIDE, centers=absurd)
+        tokens = tokenize(model, default_text()[:4000])
+        decode(ctx, tokens[:N_PROMPT])
+        compress(ctx)
+        kept = last_kept(ctx, 3, BUDGET)
+        assert all(N_PROMPT - 1 in kept[hk] and len(set(kept[hk])) == BUDGET for hk in range(3))
+        decode(ctx, tokens[N_PROMPT:N_PROMPT + 3 * DIVIDE])  # more compressions, each decode succeeds
+        assert stats(ctx)["compressions"] >= 3
+        assert ll.llama_memory_seq_pos_max(ll.llama_get_memory(ctx), 0) == N_PROMPT + 3 * DIVIDE - 1

@@ -141,6 +141,16 @@ def test_tri_without_centres_names_the_command(smollm2_path):
         Llama(smollm2_path, kv_compress="tri", **SMALL)
 
 
+def test_an_error_is_not_drowned_in_llama_cpps_log(smollm2_path):
+    import subprocess
+    import sys
+
+    code = f"from triattention_gguf import Llama; Llama({smollm2_path!r}, kv_compress='tri', verbose=False)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "triattention-gguf embed-centers" in result.stderr
+    assert "llama_model_loader" not in result.stderr and "print_info" not in result.stderr
+
+
 def test_bad_arguments(centred):
     with pytest.raises(CompressionError, match="unknown kv_compress 'snap'"):
         Llama(centred, kv_compress="snap", **SMALL)

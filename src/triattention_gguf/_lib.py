@@ -79,7 +79,8 @@ class Stats(ctypes.Structure):
 
 
 class CacheInfo(ctypes.Structure):
-    _fields_ = [("cells_used", ctypes.c_int32), ("cells_capacity", ctypes.c_int32), ("bytes", ctypes.c_int64),
+    _fields_ = [("cells_used", ctypes.c_int32), ("cells_span", ctypes.c_int32), ("cells_capacity", ctypes.c_int32),
+                ("bytes", ctypes.c_int64),
                 ("swa_cells_capacity", ctypes.c_int32), ("swa_bytes", ctypes.c_int64)]
 
 

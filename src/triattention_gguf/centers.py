@@ -83,12 +83,39 @@ def _values(c: Centers) -> dict[str, object]:
 
 
 def _read_fields(reader: gguf.GGUFReader) -> dict[str, object]:
+    """Our keys, each exactly of the schema's type (a number stored as a string, an INT32 array
+    where FLOAT32 belongs, ... is refused, never converted)."""
     out = {}
     for name, field in reader.fields.items():
-        if name.startswith(PREFIX):
-            value = field.contents()
-            out[name[len(PREFIX):]] = np.asarray(value, dtype=np.float32) if isinstance(value, list) else value
+        if not name.startswith(PREFIX):
+            continue
+        key = name[len(PREFIX):]
+        expected = _SCHEMA.get(key)
+        types = (field.types[0], field.types[-1] if field.types[0] == _T.ARRAY else None)
+        if expected is not None and types != expected:
+            want = expected[0].name + (f" of {expected[1].name}" if expected[1] else "")
+            got = types[0].name + (f" of {types[1].name}" if types[1] else "")
+            raise CentersError(f"{reader.path}: {name} is stored as {got}, not {want}; "
+                               f"re-embed with `triattention-gguf embed-centers --force {reader.path}`")
+        value = field.contents()
+        out[key] = np.asarray(value, dtype=np.float32) if isinstance(value, list) else value
     return out
+
+
+def _check_values(where: str, re: np.ndarray, im: np.ndarray, absm: np.ndarray, tokens: int) -> None:
+    """Centres are means: finite, magnitudes at least the magnitude of the mean, from a positive token count."""
+    redo = f"re-embed with `triattention-gguf embed-centers --force {where}`"
+    if not (np.all(np.isfinite(re)) and np.all(np.isfinite(im)) and np.all(np.isfinite(absm))):
+        raise CentersError(f"{where}: the TriAttention centres contain NaN or infinity; {redo}")
+    if np.any(absm < 0):
+        raise CentersError(f"{where}: triattention.q_abs_mean has negative values (it is a mean magnitude); {redo}")
+    if np.any(absm < np.hypot(re, im) * (1 - 1e-4) - 1e-6):
+        raise CentersError(f"{where}: triattention.q_abs_mean is below the magnitude of the mean query somewhere "
+                           f"(a mean magnitude never is); {redo}")
+    if np.any(np.maximum(absm, np.hypot(re, im)) > 1e15):
+        raise CentersError(f"{where}: the TriAttention centres hold values above 1e15, no query is that large; {redo}")
+    if tokens <= 0:
+        raise CentersError(f"{where}: triattention.calibration.tokens is {tokens}; {redo}")
 
 
 def centers_from_reader(reader: gguf.GGUFReader) -> Centers | None:
@@ -110,6 +137,7 @@ def centers_from_reader(reader: gguf.GGUFReader) -> Centers | None:
         raise CentersError(f"{where}: TriAttention arrays do not have n_layer*n_head*head_dim/2 = {np.prod(shape)} "
                            "entries; re-embed with --force")
     re, im, absm = (a.reshape(shape) for a in arrays)
+    _check_values(where, re, im, absm, int(f["calibration.tokens"]))
     return Centers(
         n_layer=shape[0], n_head=shape[1], n_head_kv=int(f["n_head_kv"]), head_dim=int(f["head_dim"]),
         n_rot=int(f["n_rot"]), rope_type=str(f["rope_type"]), q_mean=(re + 1j * im).astype(np.complex64),
@@ -132,8 +160,8 @@ def validate(centers: Centers, facts: ModelFacts) -> None:
         raise CentersError(f"{facts.path}: the TriAttention centres in this file were computed for another model "
                            f"({'; '.join(wrong)}); re-embed them with "
                            f"`triattention-gguf embed-centers --force {facts.path}`")
-    if not (np.all(np.isfinite(centers.q_mean)) and np.all(np.isfinite(centers.q_abs_mean))):
-        raise CentersError(f"{facts.path}: the TriAttention centres contain NaN or infinity; re-embed with --force")
+    _check_values(facts.path, centers.q_mean.real, centers.q_mean.imag, centers.q_abs_mean,
+                  centers.calibration_tokens)
 
 
 def load_centers(facts: ModelFacts) -> Centers:
@@ -189,6 +217,32 @@ def _verify_copy(original: gguf.GGUFReader, path: Path, centers: Centers | None)
         raise OSError(f"verification of {path} failed: centres do not read back")
 
 
+TMP_SUFFIX = ".triattention-tmp"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_copies(model: str | os.PathLike) -> list[Path]:
+    """Remove the temporary copies of model that rewrite_model left when its process was killed
+    (named .<model>.<pid>.<random>.triattention-tmp, beside it); copies of running processes stay."""
+    model = Path(model)
+    removed = []
+    for tmp in model.resolve().parent.glob(f".{model.name}.*{TMP_SUFFIX}"):
+        pid = tmp.name[len(model.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def rewrite_model(src: str | os.PathLike, centers: Centers | None, dest: str | os.PathLike | None = None) -> Path:
     """Write src with new centres (or none) to dest (default: src, in place), atomically."""
     src = Path(src)
@@ -199,7 +253,8 @@ def rewrite_model(src: str | os.PathLike, centers: Centers | None, dest: str | o
         raise ModelFileError(f"{dest}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK) or (dest.exists() and not os.access(dest, os.W_OK)):
         raise ModelFileError(f"{dest}: not writable (check permissions, or write a copy elsewhere with -o)")
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{dest.name}.", suffix=".triattention-tmp")
+    # the writer's pid in the name: a later run can tell a copy left by a killed process (remove_stale_copies)
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{dest.name}.{os.getpid()}.", suffix=TMP_SUFFIX)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

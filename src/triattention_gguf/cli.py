@@ -70,6 +70,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _remove_stale_copies(model: str) -> None:
+    from triattention_gguf.centers import remove_stale_copies
+
+    for tmp in remove_stale_copies(model):
+        print(f"removed {tmp}: a temporary copy left by an interrupted run", file=sys.stderr)
+
+
 def _embed_centers(args: argparse.Namespace) -> int:
     from triattention_gguf.calibrate import compute_centers, read_texts
     from triattention_gguf.centers import CentersError, read_centers, rewrite_model, validate
@@ -77,6 +84,7 @@ def _embed_centers(args: argparse.Namespace) -> int:
     from triattention_gguf.modelinfo import read_facts
 
     _quiet_llama(args.verbose)
+    _remove_stale_copies(args.model)
     facts = read_facts(args.model)
     existing = read_centers(args.model)
     if existing is not None and not args.force:
@@ -119,7 +127,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _strip_centers(args: argparse.Namespace) -> int:
     from triattention_gguf.centers import read_centers, rewrite_model
+    from triattention_gguf.modelinfo import loaded_model
 
+    _quiet_llama(args.verbose)
+    _remove_stale_copies(args.model)
+    with loaded_model(args.model):  # never copy a model that llama.cpp would refuse
+        pass
     if read_centers(args.model) is None:
         print(f"{args.model} has no TriAttention centres; nothing to do")
         return 0
@@ -316,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     strip = sub.add_parser("strip-centers", help="remove the centres from a GGUF file")
     strip.add_argument("model")
     strip.add_argument("-o", "--output", help="write the result to this file instead of in place")
+    strip.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     strip.set_defaults(func=_strip_centers)
     return parser
 

@@ -58,6 +58,9 @@ class Runner:
         self.config, self.n_past, self.n_vocab = config, 0, ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(model))
         compressing = config.method != FULL
         physical = physical_cells(config.budget, divide_length, chunk, facts.n_swa) if compressing else n_ctx
+        # swa_full=False: a sliding-window model's window cache as llama.cpp sizes it for one sequence, alike
+        # for the full cache and the compressed ones (their full-attention parts are what differs)
+        overrides.setdefault("swa_full", False)
         self.ctx = stack.enter_context(model_context(model, n_ctx=physical, n_threads=n_threads, n_ubatch=chunk,
                                                      **overrides))
         if compressing:

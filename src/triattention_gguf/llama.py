@@ -6,12 +6,13 @@ from typing import Sequence
 
 import llama_cpp
 import numpy as np
+from llama_cpp._logger import set_verbose
 
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import load_centers
 from triattention_gguf.compression import (CompressionError, check_arguments, configure, physical_cells, prompt_ubatch,
                                           stats)
-from triattention_gguf.modelinfo import read_facts
+from triattention_gguf.modelinfo import open_gguf, read_facts
 
 
 class Llama(llama_cpp.Llama):
@@ -37,12 +38,15 @@ class Llama(llama_cpp.Llama):
     def __init__(self, model_path: str, *args, kv_compress: str = "none", kv_budget: int = 2048,
                  kv_divide_length: int = 128, kv_select: str = "per-head", kv_seed: int = 0, **kwargs):
         check_arguments(kv_compress, kv_budget, kv_divide_length, kv_select)
+        # every check that can fail runs before the model and the cache are allocated, with
+        # llama.cpp's log as quiet as the parent will make it (its load log would drown the error)
+        set_verbose(kwargs.get("verbose", True))
+        open_gguf(model_path)  # llama.cpp's loader trusts the header: a malformed one can crash or hang it
         self.kv_compress = kv_compress
         self._kv_budget, self._kv_divide_length = kv_budget, kv_divide_length
         centres = None
         logical_n_ctx = kwargs.get("n_ctx", 512)
         if kv_compress != "none":
-            # every check that can fail runs before the model and the cache are allocated
             facts = read_facts(model_path)
             centres = load_centers(facts) if kv_compress == "tri" else None
             logical_n_ctx = logical_n_ctx or facts.n_ctx_train

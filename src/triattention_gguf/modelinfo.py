@@ -18,6 +18,7 @@ import gguf
 import numpy as np
 
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
+from triattention_gguf.gguf_check import GGUFError, check_gguf
 
 ROPE_TYPES = {ll.LLAMA_ROPE_TYPE_NORM: "norm", ll.LLAMA_ROPE_TYPE_NEOX: "neox"}
 _FINGERPRINT_SAMPLE = 1 << 16
@@ -60,6 +61,11 @@ class _Reader(gguf.GGUFReader):
         self.path = value.filename
 
 
+@functools.lru_cache(maxsize=16)
+def _checked(path: str, identity: tuple[int, int, int, int]) -> None:
+    check_gguf(path)
+
+
 @functools.lru_cache(maxsize=4)
 def _parse(path: str, identity: tuple[int, int, int, int]) -> _Reader:
     return _Reader(path, "r")
@@ -84,8 +90,13 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
     if magic != b"GGUF":
         raise ModelFileError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
     st = path.stat()
+    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     try:
-        return _parse(str(path.resolve()), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        _checked(str(path), identity)  # bounded by the file's size: before gguf-py or llama.cpp reads it
+    except GGUFError as err:
+        raise ModelFileError(str(err)) from None
+    try:
+        return _parse(str(path.resolve()), identity)
     except (ValueError, IndexError, OSError) as err:
         raise ModelFileError(f"{path}: the GGUF file is truncated or corrupt ({err}); "
                              "download or convert it again") from err
@@ -107,7 +118,9 @@ def fingerprint(reader: gguf.GGUFReader) -> str:
 
 @contextlib.contextmanager
 def loaded_model(path: str | os.PathLike, n_gpu_layers: int = 0):
-    """A llama_model* loaded by our libllama, freed on exit."""
+    """A llama_model* loaded by our libllama, freed on exit (the file checked first: llama.cpp's
+    loader trusts the header)."""
+    open_gguf(path)
     params = ll.llama_model_default_params()
     params.n_gpu_layers = n_gpu_layers
     model = ll.llama_model_load_from_file(str(path).encode(), params)
