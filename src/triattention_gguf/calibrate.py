@@ -145,6 +145,10 @@ def compute_centers(model_path: str | os.PathLike, text: str | None = None, max_
         n_seen = run.n_tokens()
     if n_seen != len(tokens):
         raise CalibrationError(f"captured queries for {n_seen} tokens, expected {len(tokens)}")
+    broken = ~(np.isfinite(q_mean) & np.isfinite(q_abs_mean)).all(axis=(1, 2))
+    if broken.any():
+        raise CalibrationError(f"{model_path}: the queries of layer {int(np.argmax(broken))} are not finite: a weight "
+                               "of the model is NaN or infinite; the file is damaged, download or convert it again")
     return Centers(
         n_layer=facts.n_layer, n_head=facts.n_head, n_head_kv=facts.n_head_kv, head_dim=facts.head_dim,
         n_rot=facts.n_rot, rope_type=facts.rope_type, q_mean=q_mean, q_abs_mean=q_abs_mean,

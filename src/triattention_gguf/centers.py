@@ -145,6 +145,11 @@ def centers_from_reader(reader: gguf.GGUFReader) -> Centers | None:
         text_sha256=str(f["calibration.text_sha256"]), model_fingerprint=str(f["model_fingerprint"]))
 
 
+def has_centers(path: str | os.PathLike) -> bool:
+    """Whether the file has any TriAttention key, well-formed or not."""
+    return any(name.startswith(PREFIX) for name in open_gguf(path).fields)
+
+
 def read_centers(path: str | os.PathLike) -> Centers | None:
     return centers_from_reader(open_gguf(path))
 

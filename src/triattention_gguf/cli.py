@@ -86,8 +86,8 @@ def _embed_centers(args: argparse.Namespace) -> int:
     _quiet_llama(args.verbose)
     _remove_stale_copies(args.model)
     facts = read_facts(args.model)
-    existing = read_centers(args.model)
-    if existing is not None and not args.force:
+    existing = None if args.force else read_centers(args.model)  # --force replaces even malformed ones
+    if existing is not None:
         try:
             validate(existing, facts)
         except CentersError as err:
@@ -126,14 +126,14 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _strip_centers(args: argparse.Namespace) -> int:
-    from triattention_gguf.centers import read_centers, rewrite_model
+    from triattention_gguf.centers import has_centers, rewrite_model
     from triattention_gguf.modelinfo import loaded_model
 
     _quiet_llama(args.verbose)
     _remove_stale_copies(args.model)
     with loaded_model(args.model):  # never copy a model that llama.cpp would refuse
         pass
-    if read_centers(args.model) is None:
+    if not has_centers(args.model):  # malformed centres are stripped too: that is their fix
         print(f"{args.model} has no TriAttention centres; nothing to do")
         return 0
     out = rewrite_model(args.model, None, args.output)
