@@ -153,3 +153,77 @@ def test_a_sliding_window_model_is_served_compressed(server_factory, gemma3_path
     assert out.usage.completion_tokens == 1200 and kv["compressions"] > 0
     assert kv["swa_cells_capacity"] > 0 and kv["cells_used"] <= 128 + 32
     assert kv["logical_pos"] > kv["cells_capacity"]
+
+
+USER = {"role": "user", "content": "Hi"}
+BAD_SCHEMA = {"type": "objectx"}
+BAD_REQUESTS = {  # name: (endpoint, body changes, the parameter the error must name)
+    "content a number": ("chat", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    "role bogus": ("chat", {"messages": [{"role": "bogus", "content": "Hi"}]}, "messages[0].role"),
+    "tool call without a name": ("chat", {"messages": [USER, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"arguments": "{}"}}]}]}, "messages[1].tool_calls"),
+    "tool calls a string": ("chat", {"messages": [USER, {"role": "assistant", "content": "x",
+                                                         "tool_calls": "get_weather"}]}, "messages[1].tool_calls"),
+    "text part not a string": ("chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+                               "messages[0].content"),
+    "image part": ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:,"}}]}]}, "messages[0].content"),
+    "max_tokens 1e12": ("chat", {"max_tokens": 1e12}, "max_tokens"),
+    "max_tokens 2^70": ("chat", {"max_tokens": 2 ** 70}, "max_tokens"),
+    "max_tokens 2^70 on completions": ("completions", {"max_tokens": 2 ** 70}, "max_tokens"),
+    "tool schema invalid": ("chat", {"tools": [{"type": "function", "function": {
+        "name": "f", "parameters": BAD_SCHEMA}}]}, "tools[0].function.parameters"),
+    "tool without function": ("chat", {"tools": [{"type": "function"}]}, "tools[0]"),
+    "tool_choice bogus": ("chat", {"tools": [WEATHER], "tool_choice": "bogus"}, "tool_choice"),
+    "json_schema invalid": ("chat", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": BAD_SCHEMA}}}, "response_format.json_schema.schema"),
+    "token id out of range": ("completions", {"prompt": [1, 10 ** 7]}, "prompt"),
+    "token id negative": ("completions", {"prompt": [1, -3]}, "prompt"),
+    "empty token list": ("completions", {"prompt": []}, "prompt"),
+    "logprobs on chat": ("chat", {"logprobs": True, "top_logprobs": 2}, "logprobs"),
+    "logprobs on completions": ("completions", {"logprobs": 2}, "logprobs"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_request_table(case, base):
+    endpoint, changes, param = BAD_REQUESTS[case]
+    body = {"model": "smol", "max_tokens": 4, **({"messages": [USER]} if endpoint == "chat" else {"prompt": "Hi"}),
+            **changes}
+    r = httpx.post(f"{base}/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    assert param.split("[")[0] in error["message"] and "Traceback" not in error["message"]
+
+
+def test_usage_counts_each_requests_own_tokens(base, client):
+    """A streamed request's usage is its own, even with another request queued behind it."""
+    def streamed_usage():
+        stream = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Count to ten."}],
+                                                max_tokens=24, temperature=0, stream=True,
+                                                stream_options={"include_usage": True})
+        return [chunk.usage for chunk in stream if chunk.usage][0]
+
+    alone = streamed_usage()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(streamed_usage)
+        time.sleep(0.3)
+        other = pool.submit(client.completions.create, model="smol", prompt="word " * 300, max_tokens=16)
+        queued = first.result()
+        other.result()
+    assert (queued.prompt_tokens, queued.completion_tokens) == (alone.prompt_tokens, alone.completion_tokens)
+
+
+def test_clients_that_leave_are_cancelled_running_or_queued(base, client):
+    long = {"model": "smol", "max_tokens": 4000, "messages": [{"role": "user", "content": "Write a very long story."}]}
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        leavers = [pool.submit(httpx.post, f"{base}/v1/chat/completions", json=long, timeout=2) for _ in range(3)]
+        for leaver in leavers:  # a non-streaming client that times out, while running or still queued
+            with pytest.raises(httpx.TimeoutException):
+                leaver.result()
+    start = time.perf_counter()
+    reply = client.chat.completions.create(model="smol", messages=[USER], max_tokens=4)
+    assert reply.choices[0].message.content is not None
+    assert time.perf_counter() - start < 20  # not behind 3 x 4000 abandoned tokens (~30 tokens/s here)
+    assert metric(base, "triattention_queue_depth") == 0

@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from llama_cpp.llama_grammar import LlamaGrammar
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
@@ -35,6 +36,11 @@ TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
 # what a prompt the model cannot take raises (longer than n_ctx, messages the template cannot render)
 PROMPT_ERRORS = (ValueError, jinja2.TemplateError)
 _DONE = object()
+
+
+@dataclass
+class _Finished:
+    usage: dict  # of the streamed request, counted when its generation ended
 
 
 @dataclass
@@ -88,6 +94,8 @@ class ChatRequest(_Request):
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     response_format: dict | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(_Request):
@@ -154,16 +162,18 @@ class Engine:
 
         return llama_cpp.LogitsProcessorList([process])
 
-    async def run(self, job: Callable[[], Any]) -> Any:
-        """Run job on the model's thread after the requests queued before it."""
+    def submit(self, job: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run job on the model's thread after the requests queued before it; cancelling the future
+        drops a job that has not started."""
         self.metrics.queue.inc()
-        try:
-            return await asyncio.wrap_future(self.worker.submit(job))
-        finally:
-            self.metrics.queue.dec()
+        future = self.worker.submit(job)
+        future.add_done_callback(lambda _: self.metrics.queue.dec())
+        return future
 
-    def stream(self, make: Callable[[], Iterator[dict]], cancel: threading.Event) -> asyncio.Queue:
-        """Iterate make() on the model's thread; its items (then an exception or _DONE) arrive on a queue."""
+    def stream(self, make: Callable[[], Iterator[dict]], finish: Callable[[], Any],
+               cancel: threading.Event) -> tuple[asyncio.Queue, concurrent.futures.Future]:
+        """Iterate make() on the model's thread; its items, then _Finished(finish()) (counted on that
+        thread, before any later request runs) or the exception raised, then _DONE arrive on a queue."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         put = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
 
@@ -174,14 +184,13 @@ class Engine:
                         put(item)
                         if cancel.is_set():
                             break
+                    put(_Finished(finish()))
             except Exception as err:  # noqa: BLE001 - handed to the event loop, which answers the client
                 put(err)
             finally:
                 put(_DONE)
 
-        self.metrics.queue.inc()
-        self.worker.submit(job).add_done_callback(lambda _: self.metrics.queue.dec())
-        return queue
+        return queue, self.submit(job)
 
 
 def _parse_tool_calls(message: dict) -> bool:
@@ -207,14 +216,63 @@ def _text_of(content: str | list | None) -> str:
     """A message's content as text: OpenAI's list of parts (which agents such as OpenClaw send) joined."""
     if not isinstance(content, list):
         return content or ""
-    texts = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in ("text", "input_text"):
-            raise ApiError(400, f"message content of type {kind!r} is not supported: this server takes text",
-                           param="messages")
-        texts.append(part.get("text") or "")
-    return "\n".join(texts)
+    return "\n".join(part.get("text") or "" for part in content)  # parts checked by _check_messages
+
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+def _check_messages(messages: list[dict]) -> None:
+    """Roles, contents and assistant tool calls that a chat template can render, else a 400 naming the field."""
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if message.get("role") not in ROLES:
+            raise ApiError(400, f"{where}.role is {message.get('role')!r}; it must be one of {', '.join(ROLES)}",
+                           param=f"{where}.role")
+        content, calls = message.get("content"), message.get("tool_calls")
+        if not (content is None or isinstance(content, (str, list))) or (content is None and not calls):
+            raise ApiError(400, f"{where}.content must be a string or a list of text parts",
+                           param=f"{where}.content")
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in ("text", "input_text") or not isinstance(part.get("text") or "", str):
+                raise ApiError(400, f"{where}.content: a part of type {kind!r} is not supported; this server "
+                                    'takes text parts {"type": "text", "text": "..."}', param=f"{where}.content")
+        if calls is None:
+            continue
+        if message["role"] != "assistant" or not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function"), dict) and
+                isinstance(c["function"].get("name"), str) and c["function"]["name"] and
+                isinstance(c["function"].get("arguments", "{}"), (str, dict)) for c in calls):
+            raise ApiError(400, f"{where}.tool_calls must be an assistant's list of "
+                                '{"function": {"name": ..., "arguments": ...}}', param=f"{where}.tool_calls")
+
+
+def _compiles(schema, param: str) -> None:
+    """A JSON schema that llama.cpp's grammar converter accepts, else a 400 naming the parameter."""
+    try:
+        LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+    except Exception as err:  # noqa: BLE001 - the converter asserts on what it does not understand
+        raise ApiError(400, f"{param} is not a JSON schema this server can follow ({type(err).__name__}: "
+                            f"{str(err)[:200]})", param=param) from None
+
+
+def _check_tools(tools: list[dict] | None, tool_choice) -> None:
+    for i, tool in enumerate(tools or []):
+        function = tool.get("function")
+        if tool.get("type", "function") != "function" or not isinstance(function, dict) or \
+                not isinstance(function.get("name"), str) or not function["name"]:
+            raise ApiError(400, f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., '
+                                '"parameters": {...}}}}', param=f"tools[{i}]")
+        _compiles(function.get("parameters", {"type": "object"}), f"tools[{i}].function.parameters")
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice.get("function"), dict) \
+            else None
+        if not any(t["function"]["name"] == name for t in tools or []):
+            raise ApiError(400, "tool_choice names a function that is not in tools", param="tool_choice")
+    elif tool_choice not in (None, "none", "auto"):
+        raise ApiError(400, f"tool_choice {tool_choice!r} is not supported; use none, auto or "
+                            '{"type": "function", "function": {"name": ...}}', param="tool_choice")
 
 
 def _tool_call_block(function: dict) -> str:
@@ -243,13 +301,45 @@ def _response_format(spec: dict | None) -> dict | None:
     if spec.get("type") == "json_object":
         return {"type": "json_object"}
     if spec.get("type") == "json_schema":
-        return {"type": "json_object", "schema": (spec.get("json_schema") or {}).get("schema", {})}
+        schema = (spec.get("json_schema") or {}).get("schema", {})
+        _compiles(schema, "response_format.json_schema.schema")
+        return {"type": "json_object", "schema": schema}
     raise ApiError(400, f"response_format type {spec.get('type')!r} is not supported; use text, json_object or "
                         "json_schema", param="response_format")
 
 
 def _sse(item: dict | str) -> str:
     return f"data: {item if isinstance(item, str) else json.dumps(item)}\n\n"
+
+
+class _GateAndCount:
+    """Checks the API key (all but /health) and counts responses by path and status. Plain ASGI:
+    Starlette's BaseHTTPMiddleware would hide a client's disconnect from the endpoints."""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            if self.expected and scope["path"] != "/health" and \
+                    dict(scope["headers"]).get(b"authorization") != self.expected:
+                await JSONResponse(_error_body("missing or wrong API key (Authorization: Bearer ...)",
+                                               "invalid_request_error", code="invalid_api_key"),
+                                   status_code=401)(scope, receive, counted)
+            else:
+                await self.app(scope, receive, counted)
+        finally:
+            self.metrics.requests.labels(scope["path"], str(status["code"])).inc()
 
 
 def create_app(config: ServeConfig) -> FastAPI:
@@ -277,31 +367,32 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, err: Exception):
-        log.exception("unexpected error")
-        return JSONResponse(_error_body(f"internal error: {type(err).__name__}: {err}", "server_error"),
-                            status_code=500)
+        log.error("internal error", exc_info=err)  # the traceback goes to the log, not to the client
+        return JSONResponse(_error_body("internal error (see the server's log)", "server_error"), status_code=500)
 
-    @app.middleware("http")
-    async def _gate_and_count(request: Request, call_next):
-        if config.api_key and request.url.path != "/health" and \
-                request.headers.get("authorization") != f"Bearer {config.api_key}":
-            response = JSONResponse(_error_body("missing or wrong API key (Authorization: Bearer ...)",
-                                                "invalid_request_error", code="invalid_api_key"), status_code=401)
-        else:
-            response = await call_next(request)
-        engine.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_GateAndCount, api_key=config.api_key, metrics=engine.metrics)
 
     def check_model(name: str | None) -> None:
         if name not in (None, "", config.name, Path(config.model).name, config.model):
             raise ApiError(404, f"model {name!r} is not served here; this server serves {config.name!r}",
                            code="model_not_found", param="model")
 
-    async def watch_disconnect(request: Request, cancel: threading.Event) -> None:
+    def refuse_logprobs(asked: bool) -> None:
+        if asked:  # llama-cpp-python computes them only with logits_all: every position's logits kept
+            raise ApiError(400, "logprobs are not available from this server (the model runs without "
+                                "logits_all, which would keep the logits of every position)", param="logprobs")
+
+    def check_max_tokens(value: int | None, param: str) -> None:
+        if value is not None and value > engine.llm.n_ctx():
+            raise ApiError(400, f"{param} {value} exceeds the context of {engine.llm.n_ctx()} tokens", param=param)
+
+    async def watch_disconnect(request: Request, cancel: threading.Event, job: concurrent.futures.Future) -> None:
+        """A client that left stops its generation at the next token; a queued job is dropped at once."""
         while not cancel.is_set():
             if await request.is_disconnected():
                 cancel.set()
-            await asyncio.sleep(0.2)
+                job.cancel()
+            await asyncio.sleep(0.1)
 
     def account(kind: str, started: float, before: dict, completion_tokens: int) -> dict:
         prompt = engine.llm.prompt_reuse()
@@ -333,64 +424,66 @@ def create_app(config: ServeConfig) -> FastAPI:
         if not body.stream or tools_auto:
             def job():
                 begin()
-                if cancel.is_set():
-                    return None
                 result = call(False, engine.stopper(cancel))
                 if tools_auto and _parse_tool_calls(result["choices"][0]["message"]):
                     result["choices"][0]["finish_reason"] = "tool_calls"
                 result["usage"] = account(kind, started, state["before"], result["usage"]["completion_tokens"])
                 return result
 
-            watcher = asyncio.create_task(watch_disconnect(request, cancel))
+            future = engine.submit(job)
+            watcher = asyncio.create_task(watch_disconnect(request, cancel, future))
             try:
-                result = await engine.run(job)
+                result = await asyncio.wrap_future(future)
             except PROMPT_ERRORS as err:
                 raise ApiError(400, str(err)) from err
+            except asyncio.CancelledError:
+                if future.cancelled():  # dropped from the queue: nobody is waiting for an answer
+                    raise ApiError(499, "the client closed the request") from None
+                raise
             finally:
                 cancel.set()
                 watcher.cancel()
-            if result is None:
-                raise ApiError(400, "the request was cancelled")
             if not body.stream:
                 return JSONResponse(result)
-            items = iter(_as_chunks(result, body))
+            items = list(_as_chunks(result, body))
         else:
             def make():
                 begin()
                 yield from call(True, engine.stopper(cancel))
 
-            queue = engine.stream(make, cancel)
-            first = await queue.get()  # errors in the prompt (too long, ...) still get a status code
-            if isinstance(first, PROMPT_ERRORS):
-                await queue.get()  # _DONE
-                raise ApiError(400, str(first))
+            def finish() -> dict:
+                return account(kind, started, state["before"], generated())
+
+            queue, future = engine.stream(make, finish, cancel)
+            watcher = asyncio.create_task(watch_disconnect(request, cancel, future))
+            try:
+                first = await queue.get()  # errors in the prompt (too long, ...) still get a status code
+            finally:
+                watcher.cancel()
             if isinstance(first, Exception):
-                await queue.get()
-                raise first
-            if first is _DONE:
-                raise ApiError(400, "the request was cancelled")
+                await queue.get()  # _DONE
+                raise ApiError(400, str(first)) if isinstance(first, PROMPT_ERRORS) else first
             items = None
 
         include_usage = bool((body.stream_options or {}).get("include_usage"))
 
         async def events():
             try:
-                item, last = (_DONE, None) if items is not None else (first, None)
                 for chunk in items or ():
                     yield _sse(chunk)
+                item, last = (first, None) if items is None else (_DONE, None)
                 while item is not _DONE:
-                    if isinstance(item, Exception):
-                        yield _sse(_error_body(str(item), "server_error"))
-                        break
-                    last = item
-                    yield _sse(item)
+                    if isinstance(item, _Finished):
+                        if include_usage and last is not None:
+                            yield _sse({"id": last["id"], "object": last["object"], "created": last["created"],
+                                        "model": last["model"], "choices": [], "usage": item.usage})
+                    elif isinstance(item, Exception):
+                        log.error("internal error while streaming", exc_info=item)
+                        yield _sse(_error_body("internal error (see the server's log)", "server_error"))
+                    else:
+                        last = item
+                        yield _sse(item)
                     item = await queue.get()
-                if include_usage and last is not None:
-                    usage = await engine.run(lambda: account(kind, started, state["before"], generated()))
-                    yield _sse({"id": last["id"], "object": last["object"], "created": last["created"],
-                                "model": last["model"], "choices": [], "usage": usage})
-                elif last is not None:
-                    await engine.run(lambda: account(kind, started, state["before"], generated()))
             finally:
                 cancel.set()
             yield _sse("[DONE]")
@@ -400,12 +493,14 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         check_model(body.model)
+        check_max_tokens(body.max_tokens, "max_tokens")
+        check_max_tokens(body.max_completion_tokens, "max_completion_tokens")
+        refuse_logprobs(bool(body.logprobs) or body.top_logprobs is not None)
+        _check_messages(body.messages)
+        _check_tools(body.tools, body.tool_choice)
         fmt = _response_format(body.response_format)
         tools = body.tools if body.tool_choice != "none" else None
         forced = isinstance(body.tool_choice, dict)
-        if forced and not any(t.get("function", {}).get("name") == body.tool_choice.get("function", {}).get("name")
-                              for t in tools or []):
-            raise ApiError(400, "tool_choice names a function that is not in tools", param="tool_choice")
 
         def call(stream: bool, stopping):
             return engine.llm.create_chat_completion(
@@ -420,16 +515,23 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
+        check_max_tokens(body.max_tokens, "max_tokens")
+        refuse_logprobs(body.logprobs is not None)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
                 raise ApiError(400, "one prompt per request", param="prompt")
             prompt = prompt[0]
+        if isinstance(prompt, list):
+            n_vocab = engine.llm.n_vocab()
+            if not prompt or not all(0 <= t < n_vocab for t in prompt):
+                raise ApiError(400, f"prompt: a list of token ids must be non-empty, each in [0, {n_vocab})",
+                               param="prompt")
 
         def call(stream: bool, stopping):
             return engine.llm.create_completion(
                 prompt=prompt, max_tokens=body.max_tokens or 16, temperature=body.temperature, top_p=body.top_p,
-                seed=body.seed, stop=body.stop, stream=stream, echo=body.echo, logprobs=body.logprobs,
+                seed=body.seed, stop=body.stop, stream=stream, echo=body.echo,
                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                 logits_processor=stopping, model=config.name)
 
