@@ -209,3 +209,12 @@ def test_infinite_weight_scales_are_refused_by_calibration(model, tmp_path):
     result = _run(["embed-centers", bad, "--force", "--tokens", "256", "-o", tmp_path / "out.gguf"])
     assert "not finite" in _refused(result, "embed-centers")
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_serve_refuses_a_malformed_model_with_the_same_message(model, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    _rewritten(model, bad, META["block_count 2^31"][0](model))
+    served = _run(["serve", bad, "--port", "0"])
+    inspected = _run(["inspect", bad])
+    message = _refused(inspected, "inspect").split("error: ", 1)[1]
+    assert "block_count" in message and message in _refused(served, "serve")
