@@ -54,6 +54,7 @@ BYTES = {
     "truncated by one byte": truncate(lambda lay, n: n - 1),
     "2^62 metadata keys": patch_bytes(lambda lay: 16, struct.pack("<Q", 1 << 62)),
     "2^40 tensors": patch_bytes(lambda lay: 8, struct.pack("<Q", 1 << 40)),
+    "no tensors": patch_bytes(lambda lay: 8, struct.pack("<Q", 0)),
     "version 7": patch_bytes(lambda lay: 4, struct.pack("<I", 7)),
     "an array of 2^62 strings": patch_bytes(lambda lay: _key_end(lay, "tokenizer.ggml.tokens") + 8,
                                              struct.pack("<Q", 1 << 62)),

@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 
@@ -344,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UsageError, ModelFileError, CentersError, CalibrationError, CompressionError) as err:
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
         print(f"triattention-gguf {args.command}: error: {err}", file=sys.stderr)
         return 2
 
