@@ -79,7 +79,7 @@ static int32_t cells_to_read(llama_context * ctx, int32_t il, int32_t n_max, lla
     triattention_clear_error();
     llama_kv_cache * kv = triattention_kv_cache(ctx);
     if (kv == nullptr) {
-        return triattention_fail("the context's memory is not a plain llama_kv_cache");
+        return triattention_fail("the context has no KV cache of attention layers (recurrent or hybrid memory)");
     }
     const std::vector<uint32_t> layers = kv->get_layer_ids();
     if (std::find(layers.begin(), layers.end(), (uint32_t) il) == layers.end()) {
