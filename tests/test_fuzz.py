@@ -219,3 +219,11 @@ def test_serve_refuses_a_malformed_model_with_the_same_message(model, tmp_path):
     inspected = _run(["inspect", bad])
     message = _refused(inspected, "inspect").split("error: ", 1)[1]
     assert "block_count" in message and message in _refused(served, "serve")
+
+
+def test_verbose_adds_the_traceback(model, layout, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(BYTES["2^62 metadata keys"](model.read_bytes(), layout))
+    quiet, verbose = _run(["inspect", bad]), _run(["inspect", bad, "--verbose"])
+    assert "Traceback" not in quiet.stderr and "Traceback" in verbose.stderr
+    assert quiet.stderr.strip().splitlines()[-1] == verbose.stderr.strip().splitlines()[-1]
