@@ -21,7 +21,7 @@ $(VENV)/.deps: pyproject.toml $(SDIST_PINS)
 	$(PYTHON) -m venv $(VENV)
 	command -v ccache >/dev/null || (apt-get update -qq && apt-get install -y -qq ccache) || echo "ccache not installed: rebuilds will be slower"
 	$(PIP) install --quiet "scikit-build-core>=0.10" "numpy>=1.24" "gguf==0.19.0" "tqdm>=4.66" "matplotlib>=3.8" \
-		"fastapi>=0.110" "uvicorn>=0.29" "prometheus-client>=0.20" "pytest>=8" "openai>=1.40" "httpx>=0.27"
+		"fastapi>=0.110" "uvicorn>=0.29" "prometheus-client>=0.20" "jsonschema>=4.20" "pytest>=8" "openai>=1.40" "httpx>=0.27"
 	# llama-cpp-python's Python code only, from the pinned, verified sdist: our build provides libllama.
 	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PIP) install --quiet "$$($(PY) scripts/fetch_llama.py --print-sdist)"
 	touch $@

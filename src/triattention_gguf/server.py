@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import jinja2
+import jsonschema
 import llama_cpp
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -248,8 +249,16 @@ def _check_messages(messages: list[dict]) -> None:
                                 '{"function": {"name": ..., "arguments": ...}}', param=f"{where}.tool_calls")
 
 
-def _compiles(schema, param: str) -> None:
-    """A JSON schema that llama.cpp's grammar converter accepts, else a 400 naming the parameter."""
+def _check_schema(schema, param: str, followed: bool) -> None:
+    """A valid JSON schema, else a 400 naming the parameter; one that the output must follow (a
+    forced tool call, a json_schema response format) must also compile to llama.cpp's grammar. A tool
+    the model only reads about (tool_choice auto) may use what the grammar converter does not know."""
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as err:
+        raise ApiError(400, f"{param} is not a valid JSON schema: {err.message}", param=param) from None
+    if not followed:
+        return
     try:
         LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
     except Exception as err:  # noqa: BLE001 - the converter asserts on what it does not understand
@@ -258,17 +267,18 @@ def _compiles(schema, param: str) -> None:
 
 
 def _check_tools(tools: list[dict] | None, tool_choice) -> None:
+    forced = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice, dict) and \
+        isinstance(tool_choice.get("function"), dict) else None
     for i, tool in enumerate(tools or []):
         function = tool.get("function")
         if tool.get("type", "function") != "function" or not isinstance(function, dict) or \
                 not isinstance(function.get("name"), str) or not function["name"]:
             raise ApiError(400, f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., '
                                 '"parameters": {...}}}}', param=f"tools[{i}]")
-        _compiles(function.get("parameters", {"type": "object"}), f"tools[{i}].function.parameters")
+        _check_schema(function.get("parameters", {"type": "object"}), f"tools[{i}].function.parameters",
+                      followed=function["name"] == forced)
     if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice.get("function"), dict) \
-            else None
-        if not any(t["function"]["name"] == name for t in tools or []):
+        if not any(t["function"]["name"] == forced for t in tools or []):
             raise ApiError(400, "tool_choice names a function that is not in tools", param="tool_choice")
     elif tool_choice not in (None, "none", "auto"):
         raise ApiError(400, f"tool_choice {tool_choice!r} is not supported; use none, auto or "
@@ -302,7 +312,7 @@ def _response_format(spec: dict | None) -> dict | None:
         return {"type": "json_object"}
     if spec.get("type") == "json_schema":
         schema = (spec.get("json_schema") or {}).get("schema", {})
-        _compiles(schema, "response_format.json_schema.schema")
+        _check_schema(schema, "response_format.json_schema.schema", followed=True)
         return {"type": "json_object", "schema": schema}
     raise ApiError(400, f"response_format type {spec.get('type')!r} is not supported; use text, json_object or "
                         "json_schema", param="response_format")
