@@ -63,6 +63,33 @@ def mamba_path(tmp_path_factory):
     return str(path)
 
 
+def rewritten_copy(src, dest, changes: dict, tensor_edit=None) -> None:
+    """src written to dest with metadata keys set ({key: (value, type, item type)}: replaced where
+    src has them, added where not) and, with tensor_edit (name, function), that tensor edited in a copy."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dest, arch=str(reader.get_field("general.architecture").contents()))
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture" or field.name in changes:
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+    for key, (value, vtype, sub) in changes.items():
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    for t in reader.tensors:
+        data = t.data
+        if tensor_edit and tensor_edit[0] == t.name:
+            data = np.array(data)
+            tensor_edit[1](data)
+        writer.add_tensor(t.name, data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def centred_copy(model: str, dest, tokens: int) -> str:
     """A copy of model at dest with centres from a short calibration of `tokens` tokens."""
     from triattention_gguf.calibrate import compute_centers

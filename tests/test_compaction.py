@@ -403,22 +403,11 @@ def test_non_finite_scores_never_evict_the_newest_token(smollm2_path, smollm2_ce
 def test_a_model_whose_every_layer_slides_is_refused_by_name(gemma3_path, tmp_path):
     """Gemma 3 marked sliding-window in all 18 layers: llama.cpp's full-attention cache is empty."""
     import gguf
+    from conftest import rewritten_copy
 
     path = tmp_path / "all-sliding.gguf"
-    reader = gguf.GGUFReader(gemma3_path)
-    writer = gguf.GGUFWriter(path, arch="gemma3")
-    for field in reader.fields.values():
-        if not field.name.startswith("GGUF.") and field.name != "general.architecture":
-            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
-    writer.add_key_value("gemma3.attention.sliding_window_pattern", [True] * 18, gguf.GGUFValueType.ARRAY,
-                         sub_type=gguf.GGUFValueType.BOOL)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    rewritten_copy(gemma3_path, path, {"gemma3.attention.sliding_window_pattern": (
+        [True] * 18, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL)})
     with loaded_model(path) as model, model_context(model, n_ctx=1024, n_threads=2) as ctx:
         with pytest.raises(CompressionError, match="architecture 'gemma3' has no KV cache of full-attention layers"):
             configure(ctx, "knorm", BUDGET, DIVIDE)

@@ -9,6 +9,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from conftest import rewritten_copy
 
 TIMEOUT = 60
 LLAMA = ("import sys; from triattention_gguf import Llama; "
@@ -74,31 +75,6 @@ BYTES = {
 }
 
 T = gguf.GGUFValueType
-
-
-def _rewritten(src: Path, dest: Path, changes: dict, tensor_edit=None) -> None:
-    """src with metadata keys replaced ({key: (value, type, item type)}), a tensor edited in a copy."""
-    reader = gguf.GGUFReader(src)
-    writer = gguf.GGUFWriter(dest, arch=str(reader.get_field("general.architecture").contents()))
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        if field.name in changes:
-            value, vtype, sub = changes[field.name]
-            writer.add_key_value(field.name, value, vtype, sub_type=sub)
-            continue
-        sub = field.types[-1] if field.types[0] == T.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
-    for t in reader.tensors:
-        data = t.data
-        if tensor_edit and tensor_edit[0] == t.name:
-            data = np.array(data)
-            tensor_edit[1](data)
-        writer.add_tensor(t.name, data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def _inf_scales(data):
@@ -187,7 +163,7 @@ def test_malformed_bytes_are_refused(mutation, model, layout, tmp_path):
 def test_malformed_metadata_is_refused(mutation, model, tmp_path):
     changes, kind = META[mutation]
     bad = tmp_path / "bad.gguf"
-    _rewritten(model, bad, changes(model))
+    rewritten_copy(model, bad, changes(model))
     if kind == "model":
         _check_model_refused(bad, tmp_path)
         return
@@ -206,7 +182,7 @@ def test_malformed_metadata_is_refused(mutation, model, tmp_path):
 
 def test_infinite_weight_scales_are_refused_by_calibration(model, tmp_path):
     bad = tmp_path / "bad.gguf"
-    _rewritten(model, bad, {}, tensor_edit=("blk.0.attn_q.weight", _inf_scales))
+    rewritten_copy(model, bad, {}, tensor_edit=("blk.0.attn_q.weight", _inf_scales))
     result = _run(["embed-centers", bad, "--force", "--tokens", "256", "-o", tmp_path / "out.gguf"])
     assert "not finite" in _refused(result, "embed-centers")
     assert not (tmp_path / "out.gguf").exists()
@@ -214,7 +190,7 @@ def test_infinite_weight_scales_are_refused_by_calibration(model, tmp_path):
 
 def test_serve_refuses_a_malformed_model_with_the_same_message(model, tmp_path):
     bad = tmp_path / "bad.gguf"
-    _rewritten(model, bad, META["block_count 2^31"][0](model))
+    rewritten_copy(model, bad, META["block_count 2^31"][0](model))
     served = _run(["serve", bad, "--port", "0"])
     inspected = _run(["inspect", bad])
     message = _refused(inspected, "inspect").split("error: ", 1)[1]
