@@ -160,9 +160,9 @@ def _walk(c: _Cursor) -> Header:
     return Header(metadata, {name: t for name, (t, _, _) in tensors.items()})
 
 
-def _positive(value, finite: bool = True) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and (
-        not finite or math.isfinite(value))
+def _positive(value) -> bool:
+    """A finite positive number (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value)
 
 
 def check_hyperparameters(path: str | Path, header: Header) -> None:
