@@ -57,5 +57,7 @@ ggml_tensor * triattention_keys(ggml_context * g, const llama_kv_cache * kv, con
 ggml_tensor * triattention_score_keys(ggml_context * g, const llama_kv_cache * kv, const llama_hparams & hp, int il,
                                       ggml_tensor * keys, ggml_tensor * q, ggml_tensor * w);
 
+constexpr int TRIATTENTION_MAX_NODE = 16384;  // nodes of a scoring or compaction graph
+
 // A graph context for at most n_nodes nodes (tensors are not allocated).
 ggml_context_ptr triattention_graph_context(size_t n_nodes);

@@ -42,19 +42,6 @@ int32_t triattention_cache_layers(const llama_context * ctx, int32_t * layers, i
     return (int32_t) ids.size();
 }
 
-int32_t triattention_cells_before(const llama_context * ctx, llama_pos pos) {
-    const llama_kv_cache * kv = triattention_kv_cache(ctx);
-    if (kv == nullptr) {
-        return 0;
-    }
-    const llama_kv_cells & cells = kv->get_cells(0);
-    int32_t n = 0;
-    for (uint32_t i = 0; i < cells.size(); ++i) {
-        n += !cells.is_empty(i) && cells.pos_get(i) < pos;
-    }
-    return n;
-}
-
 ggml_tensor * triattention_keys(ggml_context * g, const llama_kv_cache * kv, const llama_hparams & hp, int il,
                                 int64_t n_cells) {
     ggml_tensor * k = kv->get_k_storage(il);

@@ -10,7 +10,7 @@ extern "C" {
 #endif
 
 // Version of this C API; bumped when a declaration here changes.
-#define TRIATTENTION_API_VERSION 2
+#define TRIATTENTION_API_VERSION 3
 
 LLAMA_API int32_t triattention_api_version(void);
 
@@ -92,8 +92,9 @@ enum triattention_method {
 };
 
 enum triattention_select {
-    TRIATTENTION_SELECT_PER_HEAD = 0,  // a kept set per KV head
-    TRIATTENTION_SELECT_SHARED   = 1,  // one kept set for all heads
+    TRIATTENTION_SELECT_PER_HEAD       = 0,  // a kept set per KV head, shared by the layers (scores averaged)
+    TRIATTENTION_SELECT_SHARED         = 1,  // one kept set for all heads and layers
+    TRIATTENTION_SELECT_PER_LAYER_HEAD = 2,  // a kept set per (layer, KV head) from that layer's scores
 };
 
 struct triattention_params {
@@ -131,8 +132,9 @@ LLAMA_API struct triattention_cache_info triattention_get_cache_info(const struc
 // full-attention layers), ascending: writes at most n_max, returns how many there are.
 LLAMA_API int32_t triattention_cache_layers(const struct llama_context * ctx, int32_t * layers, int32_t n_max);
 
-// The cells of sequence 0 whose position is below pos: what cutting the sequence at pos keeps
-// (after a compression a cell's position is the newest of the tokens its heads hold).
+// What cutting sequence 0 at pos keeps: the tokens below pos that every KV head (of every layer
+// under per-layer-head selection) can keep, the fewest any of them holds. The next decode after
+// such a cut compacts each head's tokens before the cut into that many cells.
 LLAMA_API int32_t triattention_cells_before(const struct llama_context * ctx, llama_pos pos);
 
 // Validates and sets the parameters (method NONE turns compression off). The context must
@@ -149,7 +151,12 @@ LLAMA_API int32_t triattention_compress(struct llama_context * ctx);
 
 LLAMA_API struct triattention_stats triattention_get_stats(const struct llama_context * ctx);
 
-// The cells that the last compression kept, [n_head_kv][budget], as cell indices before it.
+// Positions [0, n) are never evicted (a prompt kept whole, as the reference does); 0 for none.
+// n must leave a cell of the budget for the newest token. Returns 0 or -1.
+LLAMA_API int32_t triattention_set_keep_prefix(struct llama_context * ctx, llama_pos n);
+
+// The cells that the last compression kept, [group][n_head_kv][budget] as cell indices before it,
+// with one group per compressed layer under TRIATTENTION_SELECT_PER_LAYER_HEAD, else one.
 // Returns the number written, or -1 when there was no compression.
 LLAMA_API int32_t triattention_last_kept(const struct llama_context * ctx, int32_t * cells, int32_t n_max);
 

@@ -36,43 +36,50 @@ CACHES = {  # flash attention, K type, V type: quantized V needs flash attention
 }
 
 
+@pytest.mark.parametrize("select", ["per-layer-head", "per-head"])
 @pytest.mark.parametrize("cache", list(CACHES))
 @pytest.mark.parametrize("method", ["tri", "knorm", "streaming", "random", "snapkv"])
-def test_compaction_moves_each_heads_kept_rows(method, cache, smollm2_path, smollm2_centres):
+def test_compaction_moves_each_heads_kept_rows(method, cache, select, smollm2_path, smollm2_centres):
     flash_attn, type_k, type_v = CACHES[cache]
     with loaded_model(smollm2_path) as model:
         facts = facts_of(smollm2_path, open_gguf(smollm2_path), model)
         hd, hkv = facts.head_dim, facts.n_head_kv
         with open_ctx(model, flash_attn, type_k=type_k, type_v=type_v) as ctx:
-            configure(ctx, method, BUDGET, DIVIDE, centers=smollm2_centres if method == "tri" else None)
+            configure(ctx, method, BUDGET, DIVIDE, select, centers=smollm2_centres if method == "tri" else None)
             decode(ctx, tokenize(model, default_text()[:4000])[:N_PROMPT])
             assert stats(ctx)["compressions"] == 0
             before = [cache_rows(ctx, il, hkv * hd, hkv * hd) for il in range(facts.n_layer)]
             compress(ctx)
-            kept = last_kept(ctx, hkv, BUDGET)
+            kept = last_kept(ctx, hkv, BUDGET)  # [group, head, budget]: a group per layer, or one
+            assert kept.shape[0] == (facts.n_layer if select == "per-layer-head" else 1)
             mem = ll.llama_get_memory(ctx)
             assert ll.llama_memory_seq_pos_max(mem, 0) == N_PROMPT - 1  # the next position follows the newest
             assert stats(ctx)["cells_evicted"] == N_PROMPT - BUDGET
-            for hk in range(hkv):
-                assert N_PROMPT - 1 in kept[hk]  # newest token kept in every head
-                assert len(set(kept[hk])) == BUDGET
+            for row in kept.reshape(-1, BUDGET):
+                assert N_PROMPT - 1 in row  # newest token kept in every head of every layer
+                assert len(set(row)) == BUDGET
                 # kept front cells stay in place: only the kept cells behind the budget move
-                stays = np.isin(np.arange(BUDGET), kept[hk])
-                assert np.array_equal(kept[hk][stays], np.arange(BUDGET)[stays])
-                assert np.all(kept[hk][~stays] >= BUDGET)
+                stays = np.isin(np.arange(BUDGET), row)
+                assert np.array_equal(row[stays], np.arange(BUDGET)[stays])
+                assert np.all(row[~stays] >= BUDGET)
             if method == "streaming":
                 expected = np.r_[0:4, N_PROMPT - BUDGET + 4:N_PROMPT]
-                assert all(np.array_equal(np.sort(kept[hk]), expected) for hk in range(hkv))
+                assert all(np.array_equal(np.sort(row), expected) for row in kept.reshape(-1, BUDGET))
             for il in range(facts.n_layer):
                 k_after, v_after = cache_rows(ctx, il, hkv * hd, hkv * hd)
                 assert k_after.shape[0] == BUDGET
                 k_before, v_before = before[il]
+                layer_kept = kept[il % kept.shape[0]]
                 for hk in range(hkv):
                     cols = slice(hk * hd, (hk + 1) * hd)
-                    assert np.array_equal(k_after[:, cols], k_before[kept[hk], cols]), (il, hk)
-                    assert np.array_equal(v_after[:, cols], v_before[kept[hk], cols]), (il, hk)
+                    assert np.array_equal(k_after[:, cols], k_before[layer_kept[hk], cols]), (il, hk)
+                    assert np.array_equal(v_after[:, cols], v_before[layer_kept[hk], cols]), (il, hk)
+            positions = head_positions(ctx)
+            assert np.array_equal(positions, kept)  # positions 0 .. N_PROMPT - 1 sat in cells 0 .. N_PROMPT - 1
             if method in ("tri", "knorm", "snapkv"):  # scores differ between heads, so do the kept sets
-                assert any(not np.array_equal(kept[0], kept[hk]) for hk in range(1, hkv))
+                assert any(not np.array_equal(kept[0][0], kept[0][hk]) for hk in range(1, hkv))
+                if select == "per-layer-head":  # and between layers
+                    assert any(not np.array_equal(kept[0], kept[il]) for il in range(1, facts.n_layer))
 
 
 def test_shared_selection_keeps_one_set(smollm2_path, smollm2_centres):
@@ -81,7 +88,8 @@ def test_shared_selection_keeps_one_set(smollm2_path, smollm2_centres):
         decode(ctx, tokenize(model, default_text()[:4000])[:N_PROMPT])
         compress(ctx)
         kept = last_kept(ctx, 3, BUDGET)
-        assert np.array_equal(kept[0], kept[1]) and np.array_equal(kept[0], kept[2])
+        assert kept.shape[0] == 1
+        assert np.array_equal(kept[0][0], kept[0][1]) and np.array_equal(kept[0][0], kept[0][2])
 
 
 def test_bad_parameters_are_refused(smollm2_path):
@@ -200,7 +208,7 @@ def test_next_token_attends_exactly_to_the_kept_keys(name, flash_attn, request):
             tokens = tokenize(model, default_text()[:4000])
             decode(ctx, tokens[:N_PROMPT])
             compress(ctx)
-            kept = last_kept(ctx, hkv, BUDGET)
+            kept = last_kept(ctx, hkv, BUDGET)[0]
             assert hkv == 1 or any(not np.array_equal(kept[0], kept[k]) for k in range(1, hkv))  # truly per head
             capture.data.clear()
             decode(ctx, [tokens[N_PROMPT]])  # lands in cell BUDGET, at position N_PROMPT
@@ -258,7 +266,7 @@ def test_snapkv_keeps_the_keys_its_window_attends_to(smollm2_path):
         tokens = tokenize(model, default_text()[:4000])
         capture = NodeCapture([f"Qcur-{il}:ROPE" for il in range(n_layer)])
         with open_ctx(model, False, cb_eval=capture.callback) as ctx:
-            configure(ctx, "snapkv", BUDGET, DIVIDE)
+            configure(ctx, "snapkv", BUDGET, DIVIDE, "per-head")
             front = np.zeros((hkv, 0), dtype=int)  # positions of the compacted cells
             for end, fed in ((N_PROMPT, tokens[:N_PROMPT]), (N_PROMPT + DIVIDE, tokens[N_PROMPT:N_PROMPT + DIVIDE])):
                 decode(ctx, fed)  # the last ubatch holds the window
@@ -272,11 +280,11 @@ def test_snapkv_keeps_the_keys_its_window_attends_to(smollm2_path):
                 kpos[:, len(keys[0]) - len(fed):] = np.arange(end - len(fed), end)
                 total = snapkv_reference(queries, np.arange(end - window, end), keys, kpos, h, hkv, hd)
                 compress(ctx)
-                kept = last_kept(ctx, hkv, BUDGET)
+                kept = last_kept(ctx, hkv, BUDGET)[0]
                 for hk in range(hkv):
                     expected = set(np.argsort(-total[hk], kind="stable")[:BUDGET])
                     assert len(expected & set(kept[hk])) >= BUDGET - 1, (end, hk)  # float32 vs 64: a near-tie
-                front = head_positions(ctx)
+                front = head_positions(ctx)[0]
                 assert any(np.any(np.diff(front[hk]) < 0) for hk in range(hkv))  # cells out of position order
             configure(ctx, "streaming", BUDGET, DIVIDE)  # gives the context its own callback back alone
             capture.data.clear()
@@ -362,10 +370,11 @@ def test_sliding_window_model_compresses_its_full_attention_layers(gemma3_path):
             info = lib.triattention_get_cache_info(ctx)
             assert info.cells_used == BUDGET and info.cells_capacity == 768 and info.swa_cells_capacity == 768
             assert ll.llama_memory_seq_pos_max(ll.llama_get_memory(ctx), 0) == N_PROMPT - 1
-            for il in layers:
+            assert kept.shape[0] == len(layers)  # per-layer-head: each full-attention layer its own
+            for li, il in enumerate(layers):
                 k_after, v_after = cache_rows(ctx, il, hkv * hd, hkv * hd)
-                assert np.array_equal(k_after[:, :hd], before[il][0][kept[0], :hd]), il
-                assert np.array_equal(v_after[:, :hd], before[il][1][kept[0], :hd]), il
+                assert np.array_equal(k_after[:, :hd], before[il][0][kept[li][0], :hd]), il
+                assert np.array_equal(v_after[:, :hd], before[il][1][kept[li][0], :hd]), il
 
 
 def test_recurrent_model_is_refused_by_name(mamba_path):
@@ -393,8 +402,8 @@ def test_non_finite_scores_never_evict_the_newest_token(smollm2_path, smollm2_ce
         tokens = tokenize(model, default_text()[:4000])
         decode(ctx, tokens[:N_PROMPT])
         compress(ctx)
-        kept = last_kept(ctx, 3, BUDGET)
-        assert all(N_PROMPT - 1 in kept[hk] and len(set(kept[hk])) == BUDGET for hk in range(3))
+        kept = last_kept(ctx, 3, BUDGET).reshape(-1, BUDGET)
+        assert all(N_PROMPT - 1 in row and len(set(row)) == BUDGET for row in kept)
         decode(ctx, tokens[N_PROMPT:N_PROMPT + 3 * DIVIDE])  # more compressions, each decode succeeds
         assert stats(ctx)["compressions"] >= 3
         assert ll.llama_memory_seq_pos_max(ll.llama_get_memory(ctx), 0) == N_PROMPT + 3 * DIVIDE - 1

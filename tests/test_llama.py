@@ -4,7 +4,8 @@ import pytest
 from conftest import centred_copy
 
 from triattention_gguf import Llama
-from triattention_gguf._lib import METHODS, lib, llama_cpp_bindings as ll
+from triattention_gguf._lib import lib, llama_cpp_bindings as ll
+from triattention_gguf.methods import METHODS
 from triattention_gguf.centers import CentersError
 from triattention_gguf.compression import CompressionError
 

@@ -76,11 +76,13 @@ def test_op_matches_numpy_reference(model, k_type, centres_of):
                 assert np.std(scores) > 1e-3 * scale  # not a constant
 
 
+@pytest.mark.parametrize("select", ["per-layer-head", "per-head"])
 @pytest.mark.parametrize("model", ["qwen", "gemma3"])
-def test_engine_keeps_the_top_budget_of_algorithm_md(model, centres_of):
-    """The kept sets equal a numpy aggregation of the op's scores (algorithm.md §4): z-score per
-    (layer, head), max over each GQA group, mean over the compressed layers (Gemma 3: its
-    full-attention layers, each with its own RoPE frequencies), newest kept, top-B per KV head."""
+def test_engine_keeps_the_top_budget_of_algorithm_md(model, select, centres_of):
+    """The kept sets equal a numpy aggregation of the op's scores (algorithm.md §4) with virtual
+    queries at the next token's position: z-score per (layer, head), max over each GQA group, then
+    per-layer-head: each layer's own; per-head: the mean over the compressed layers (Gemma 3: its
+    full-attention layers, each with its own RoPE frequencies). Newest kept, top-B per row."""
     from triattention_gguf.compression import compress, compressed_layers, configure, last_kept
 
     path, centres = centres_of[model]
@@ -88,22 +90,25 @@ def test_engine_keeps_the_top_budget_of_algorithm_md(model, centres_of):
     with loaded_model(path) as mdl:
         facts = facts_of(path, open_gguf(path), mdl)
         with model_context(mdl, n_ctx=768, n_threads=2, n_ubatch=128) as ctx:
-            configure(ctx, "tri", budget, 64, centers=centres)
+            configure(ctx, "tri", budget, 64, select, centers=centres)
             tokens = tokenize(mdl, default_text()[:6000])[:120]
             arr = (ll.llama_token * len(tokens))(*tokens)
             assert ll.llama_decode(ctx, ll.llama_batch_get_one(arr, len(tokens))) == 0
             omega = rope_omega(ctx, facts.n_layer, facts.head_dim)
-            q, w = virtual_queries(centres, omega, len(tokens) - 1)
+            q, w = virtual_queries(centres, omega, len(tokens))  # the next token's position
             gqa = facts.n_head // facts.n_head_kv
-            total = 0
+            per_layer = []
             for il in compressed_layers(ctx):
                 s = score_cache_layer(ctx, il, q[il], w[il], facts.n_head_kv)[0].astype(np.float64)
                 z = (s - s.mean(1, keepdims=True)) / (s.std(1, keepdims=True) + 1e-6)
-                total = total + z.reshape(facts.n_head_kv, gqa, -1).max(axis=1)
-            total[:, -1] = np.inf  # the newest token
+                per_layer.append(z.reshape(facts.n_head_kv, gqa, -1).max(axis=1))
+            total = np.array(per_layer) if select == "per-layer-head" else np.mean(per_layer, axis=0)[None]
+            total[:, :, -1] = np.inf  # the newest token
             compress(ctx)
             kept = last_kept(ctx, facts.n_head_kv, budget)
-    for hk in range(facts.n_head_kv):
-        expected = set(np.argsort(-total[hk], kind="stable")[:budget])
-        overlap = len(expected & set(kept[hk]))
-        assert overlap >= budget - 1, (hk, overlap)  # float32 vs float64 may swap one near-tie
+    assert kept.shape == total.shape[:2] + (budget,)
+    for group in range(kept.shape[0]):
+        for hk in range(facts.n_head_kv):
+            expected = set(np.argsort(-total[group, hk], kind="stable")[:budget])
+            overlap = len(expected & set(kept[group, hk]))
+            assert overlap >= budget - 1, (group, hk, overlap)  # float32 vs float64 may swap one near-tie

@@ -84,8 +84,6 @@ class CacheInfo(ctypes.Structure):
                 ("swa_cells_capacity", ctypes.c_int32), ("swa_bytes", ctypes.c_int64)]
 
 
-METHODS = {"none": 0, "tri": 1, "streaming": 2, "knorm": 3, "random": 4, "snapkv": 5}
-SELECT_MODES = {"per-head": 0, "shared": 1}
 _bind("triattention_default_params", Params)
 _bind("triattention_set_params", ctypes.c_int32, _vp, Params)
 _bind("triattention_set_centers", ctypes.c_int32, _vp, _f32p, _f32p, _f32p, ctypes.c_int64)
@@ -98,6 +96,7 @@ _bind("triattention_records_get", ctypes.c_size_t, _vp, ctypes.c_char_p, ctypes.
 _bind("triattention_records_set", ctypes.c_int32, _vp, ctypes.c_char_p, ctypes.c_size_t)
 _bind("triattention_get_stats", Stats, _vp)
 _bind("triattention_last_kept", ctypes.c_int32, _vp, _i32p, ctypes.c_int32)
+_bind("triattention_set_keep_prefix", ctypes.c_int32, _vp, ctypes.c_int32)
 _bind("triattention_last_error", ctypes.c_char_p)
 _bind("triattention_calib_last", ctypes.c_int32, _vp, ctypes.c_int32, ctypes.c_bool, _f32p, ctypes.c_int64)
 

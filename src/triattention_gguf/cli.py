@@ -8,6 +8,8 @@ import time
 import traceback
 from pathlib import Path
 
+from triattention_gguf.methods import DEFAULT_SELECT, SELECT_MODES
+
 
 class UsageError(Exception):
     """Bad input from the user: printed as one clear line, exit status 2."""
@@ -231,7 +233,8 @@ def _serve(args: argparse.Namespace) -> int:
     if not Path(args.model).is_file():
         raise UsageError(f"{args.model}: no such model file")
     config = ServeConfig(model=args.model, alias=args.alias, kv_compress=args.kv_compress, kv_budget=args.kv_budget,
-                         kv_divide_length=args.kv_divide_length, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers,
+                         kv_divide_length=args.kv_divide_length, kv_select=args.kv_select,
+                         kv_keep_prompt=args.kv_keep_prompt, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers,
                          threads=args.threads, chat_format=args.chat_format, api_key=args.api_key)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     return 0
@@ -316,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-compress", default="tri", help="tri (default), none, streaming, knorm, random, snapkv")
     serve.add_argument("--kv-budget", type=_positive, default=4096, help="KV cells kept per head (default 4096)")
     serve.add_argument("--kv-divide-length", type=_positive, default=128)
+    serve.add_argument("--kv-select", default=DEFAULT_SELECT, choices=list(SELECT_MODES),
+                       help=f"which cells each KV head keeps (default {DEFAULT_SELECT}: per layer)")
+    serve.add_argument("--kv-keep-prompt", action="store_true",
+                       help="never evict a request's prompt while it fits in the budget (longer: compressed, "
+                            "with a warning in the log)")
     serve.add_argument("--n-ctx", type=int, default=0, help="longest conversation in tokens (default: the model's "
                                                              "trained context)")
     serve.add_argument("--n-gpu-layers", type=int, default=0)

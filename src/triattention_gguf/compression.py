@@ -5,7 +5,8 @@ import ctypes
 
 import numpy as np
 
-from triattention_gguf._lib import METHODS, SELECT_MODES, lib, llama_cpp_bindings as ll
+from triattention_gguf._lib import lib, llama_cpp_bindings as ll
+from triattention_gguf.methods import DEFAULT_SELECT, METHODS, SELECT_MODES
 from triattention_gguf.centers import Centers
 
 _f32p, _i32p = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32)
@@ -46,7 +47,7 @@ def physical_cells(budget: int, divide_length: int, n_ubatch: int, n_swa: int = 
     return max(budget + divide_length + n_ubatch, n_swa + n_ubatch if n_swa else 0)
 
 
-def configure(ctx, method: str, budget: int = 2048, divide_length: int = 128, select: str = "per-head",
+def configure(ctx, method: str, budget: int = 2048, divide_length: int = 128, select: str = DEFAULT_SELECT,
               seed: int = 0, centers: Centers | None = None) -> None:
     """Compress ctx's cache with `method` to `budget` cells whenever budget + divide_length is reached."""
     check_arguments(method, budget, divide_length, select)
@@ -61,6 +62,11 @@ def configure(ctx, method: str, budget: int = 2048, divide_length: int = 128, se
     _check(lib.triattention_set_params(ctx, params), "compression parameters")
 
 
+def keep_prefix(ctx, n: int) -> None:
+    """Never evict positions [0, n) (0: none); n must be below the budget."""
+    _check(lib.triattention_set_keep_prefix(ctx, n), "kept prefix")
+
+
 def compress(ctx) -> None:
     _check(lib.triattention_compress(ctx), "compression")
 
@@ -72,23 +78,25 @@ def stats(ctx) -> dict:
 
 
 def last_kept(ctx, n_head_kv: int, budget: int) -> np.ndarray:
-    """[n_head_kv, budget] cell indices (before the last compression) that it kept."""
-    out = np.zeros(n_head_kv * budget, dtype=np.int32)
+    """[group, n_head_kv, budget] cell indices (before the last compression) that it kept: one
+    group per compressed layer with per-layer-head selection, else one."""
+    out = np.zeros(len(compressed_layers(ctx)) * n_head_kv * budget, dtype=np.int32)
     n = lib.triattention_last_kept(ctx, out.ctypes.data_as(_i32p), out.size)
-    if n != out.size:
+    if n <= 0 or n % (n_head_kv * budget):
         raise CompressionError("no compression has happened with these dimensions")
-    return out.reshape(n_head_kv, budget)
+    return out[:n].reshape(-1, n_head_kv, budget)
 
 
 def head_positions(ctx) -> np.ndarray:
-    """[n_head_kv, n_cells]: the position of the token that each cell written by the last
-    compaction holds in each KV head, -1 where none (no cells before the first compression)."""
+    """[group, n_head_kv, n_cells]: the position of the token that each cell written by the last
+    compaction holds in each KV head (of each compressed layer with per-layer-head selection, else
+    one group), -1 where none (no cells before the first compression)."""
     size = lib.triattention_records_size(ctx)
     buf = ctypes.create_string_buffer(size)
     lib.triattention_records_get(ctx, buf, size)
     rec = np.frombuffer(buf.raw, dtype=np.int32)
-    n_head_kv, n_cells = int(rec[0]), int(rec[1])
-    return rec[3 + n_cells:].reshape(n_head_kv, n_cells).copy()
+    n_groups, n_head_kv, n_cells = int(rec[0]), int(rec[1]), int(rec[2])
+    return rec[4 + n_cells:].reshape(n_groups, n_head_kv, n_cells).copy()
 
 
 def compressed_layers(ctx) -> list[int]:

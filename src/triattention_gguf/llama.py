@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 from typing import Sequence
 
 import llama_cpp
@@ -10,9 +11,12 @@ from llama_cpp._logger import set_verbose
 
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import load_centers
-from triattention_gguf.compression import (CompressionError, check_arguments, configure, physical_cells, prompt_ubatch,
-                                          stats)
+from triattention_gguf.compression import (CompressionError, check_arguments, configure, keep_prefix, physical_cells,
+                                          prompt_ubatch, stats)
+from triattention_gguf.methods import DEFAULT_SELECT
 from triattention_gguf.modelinfo import open_gguf, read_facts
+
+log = logging.getLogger(__name__)
 
 
 class Llama(llama_cpp.Llama):
@@ -25,7 +29,10 @@ class Llama(llama_cpp.Llama):
         "none", or the baselines "streaming", "knorm", "random", "snapkv".
     kv_budget: cells each KV head keeps after a compression (default 2048).
     kv_divide_length: compress when budget + divide_length cells are reached (default 128).
-    kv_select: "per-head" (default: a kept set per KV head) or "shared".
+    kv_select: "per-layer-head" (default: every layer's KV heads keep their own sets, from that
+        layer's scores), "per-head" (a set per KV head shared by the layers) or "shared" (one set).
+    kv_keep_prompt: never evict the prompt of a generation (as the reference does) while it fits in
+        the budget; a prompt of kv_budget tokens or more is compressed like the rest, with a warning.
     kv_seed: seed of the "random" baseline.
 
     With compression the physical cache holds kv_budget + kv_divide_length + n_ubatch cells,
@@ -36,7 +43,8 @@ class Llama(llama_cpp.Llama):
     """
 
     def __init__(self, model_path: str, *args, kv_compress: str = "none", kv_budget: int = 2048,
-                 kv_divide_length: int = 128, kv_select: str = "per-head", kv_seed: int = 0, **kwargs):
+                 kv_divide_length: int = 128, kv_select: str = DEFAULT_SELECT, kv_keep_prompt: bool = False,
+                 kv_seed: int = 0, **kwargs):
         check_arguments(kv_compress, kv_budget, kv_divide_length, kv_select)
         # every check that can fail runs before the model and the cache are allocated, with
         # llama.cpp's log as quiet as the parent will make it (its load log would drown the error)
@@ -44,6 +52,7 @@ class Llama(llama_cpp.Llama):
         open_gguf(model_path)  # llama.cpp's loader trusts the header: a malformed one can crash or hang it
         self.kv_compress = kv_compress
         self._kv_budget, self._kv_divide_length = kv_budget, kv_divide_length
+        self._kv_keep_prompt = kv_keep_prompt
         centres = None
         logical_n_ctx = kwargs.get("n_ctx", 512)
         if kv_compress != "none":
@@ -89,7 +98,16 @@ class Llama(llama_cpp.Llama):
             if not exact_hit and not self._cut_is_served(min(prefix, len(tokens) - 1)):
                 self.n_tokens = 0
                 ll.llama_memory_clear(ll.llama_get_memory(self._ctx.ctx), True)
+        if self._kv_keep_prompt and self.kv_compress != "none":
+            self._keep_prompt(len(tokens))
         return super().generate(tokens, *args, reset=reset, **kwargs)
+
+    def _keep_prompt(self, n: int) -> None:
+        fits = n < self._kv_budget  # one cell of the budget stays for the newest token
+        if not fits:
+            log.warning("kv_keep_prompt: the prompt has %d tokens, more than kv_budget %d holds with the newest "
+                        "token; it is compressed like the generated tokens", n, self._kv_budget)
+        keep_prefix(self._ctx.ctx, n if fits else 0)
 
     def eval(self, tokens: Sequence[int]) -> None:
         record = getattr(self, "last_prompt", None)
@@ -110,15 +128,18 @@ class Llama(llama_cpp.Llama):
 
         A cut after the last compression keeps that history exactly. A cut inside the compressed
         history (a chat template that tokenizes the previous answer differently, an agent that
-        edits its last turn) keeps the cells older than the cut: served when reading that prefix
-        afresh would have compressed it too (cut > budget + divide_length) and the cache still
-        holds budget - divide_length of its tokens; otherwise the prompt is read again."""
+        edits its last turn) keeps, in every KV head, the same number of its tokens before the cut
+        (the fewest any head holds; the next decode compacts them): served when reading that prefix
+        afresh would have compressed it too (cut > budget + divide_length) and every head keeps at
+        least half the budget, refilled by the tokens that follow; otherwise the prompt is read
+        again. With per-layer-head selection 30 layers x 3 heads each keep the newest tokens in
+        other cells, so a cut into the last answer leaves fewer than budget - divide_length."""
         if not self._window_holds(cut):
             return False
         if stats(self._ctx.ctx)["compressed_upto"] < cut:
             return True
         budget, divide = self._kv_budget, self._kv_divide_length
-        return cut > budget + divide and lib.triattention_cells_before(self._ctx.ctx, cut) >= budget - divide
+        return cut > budget + divide and lib.triattention_cells_before(self._ctx.ctx, cut) >= budget // 2
 
     def _window_holds(self, cut: int) -> bool:
         """Whether a sliding-window model's window cache, cut at `cut`, still holds every token

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from triattention_gguf.llama import Llama
+from triattention_gguf.methods import DEFAULT_SELECT
 
 log = logging.getLogger("triattention_gguf.server")
 TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
@@ -51,6 +52,8 @@ class ServeConfig:
     kv_compress: str = "tri"
     kv_budget: int = 4096
     kv_divide_length: int = 128
+    kv_select: str = DEFAULT_SELECT
+    kv_keep_prompt: bool = False
     n_ctx: int = 0  # 0: the model's trained context
     n_gpu_layers: int = 0
     threads: int | None = None
@@ -137,7 +140,8 @@ class Engine:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.llm = Llama(config.model, kv_compress=config.kv_compress, kv_budget=config.kv_budget,
-                         kv_divide_length=config.kv_divide_length, n_ctx=config.n_ctx,
+                         kv_divide_length=config.kv_divide_length, kv_select=config.kv_select,
+                         kv_keep_prompt=config.kv_keep_prompt, n_ctx=config.n_ctx,
                          n_gpu_layers=config.n_gpu_layers, n_threads=config.threads, chat_format=config.chat_format,
                          verbose=False)
         self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -572,7 +576,8 @@ def create_app(config: ServeConfig) -> FastAPI:
                                    "supports_tool_calls": "tool_calls" in template or "<tool_call>" in template,
                                    "supports_parallel_tool_calls": False},
             "kv_compress": {"method": config.kv_compress, "budget": config.kv_budget,
-                            "divide_length": config.kv_divide_length, **engine.llm.kv_stats()},
+                            "divide_length": config.kv_divide_length, "select": config.kv_select,
+                            "keep_prompt": config.kv_keep_prompt, **engine.llm.kv_stats()},
         }
 
     @app.get("/metrics")

@@ -1,0 +1,225 @@
+// SnapKV: the attention that the last SNAP_WINDOW queries give each key, max-pooled over
+// SNAP_POOL neighbouring tokens and summed over each GQA group; the window itself is kept. The
+// post-RoPE queries are captured from the graph by an eval callback as the tokens are decoded.
+#include "triattention-scorer.h"
+#include "triattn-hadamard.h"
+
+#include "llama-model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+namespace {
+
+constexpr int   SNAP_WINDOW = 8;       // the last queries whose attention scores the keys
+constexpr int   SNAP_POOL   = 7;       // max-pooling kernel over neighbouring tokens
+constexpr float MASKED      = -1e30f;  // finite: a row with no visible key stays a (uniform) distribution, not NaN
+
+// One layer's score [n_kv, n_head_kv]: the attention of the window's queries q [head_dim, n_head,
+// n_win] (causal mask [n_kv, n_win, n_head]), summed over the window, max-pooled over neighbouring
+// tokens, summed over each GQA group. A compaction leaves cells out of position order: `order`
+// [n_kv, n_head] lists each head's cells oldest first and `rank` is its inverse, so the pooling
+// runs over neighbouring positions.
+ggml_tensor * snapkv_layer(ggml_context * g, ggml_tensor * keys, ggml_tensor * q, ggml_tensor * mask, float scale,
+                           ggml_tensor * order, ggml_tensor * rank) {
+    const int64_t n_kv = keys->ne[2], n_head_kv = keys->ne[1], n_head = q->ne[1];
+    ggml_tensor * kq = ggml_mul_mat(g, ggml_permute(g, keys, 0, 2, 1, 3), ggml_permute(g, q, 0, 2, 1, 3));
+    ggml_tensor * attn = ggml_soft_max_ext(g, kq, mask, scale, 0.0f);  // [n_kv, n_win, n_head]
+    ggml_tensor * in_cells = ggml_sum_rows(g, ggml_cont(g, ggml_permute(g, attn, 1, 0, 2, 3)));  // [1, n_kv, n_head]
+    auto reordered = [&](ggml_tensor * x, ggml_tensor * idx) {
+        return ggml_reshape_2d(g, ggml_get_rows(g, ggml_reshape_3d(g, x, 1, n_kv, n_head), idx), n_kv, n_head);
+    };
+    ggml_tensor * per_key = reordered(in_cells, order);
+    const int half = SNAP_POOL / 2;
+    ggml_tensor * padded = ggml_pad_ext(g, per_key, half, half, 0, 0, 0, 0, 0, 0);  // attention >= 0: 0 pads
+    auto shifted = [&](int s) { return ggml_view_2d(g, padded, n_kv, n_head, padded->nb[1], s * sizeof(float)); };
+    ggml_tensor * pooled = ggml_cont(g, shifted(0));
+    for (int s = 1; s < SNAP_POOL; ++s) {
+        pooled = triattention_max2(g, pooled, ggml_cont(g, shifted(s)));
+    }
+    pooled = reordered(pooled, rank);
+    const int64_t n_gqa = n_head / n_head_kv;
+    ggml_tensor * grouped = ggml_cont(g, ggml_permute(g, ggml_reshape_3d(g, pooled, n_kv, n_gqa, n_head_kv), 1, 0, 2, 3));
+    return ggml_reshape_2d(g, ggml_sum_rows(g, grouped), n_kv, n_head_kv);
+}
+
+// One candidate group's mask [head][token][cell] over the window positions wpos, and each query
+// head's cells in position order [head][cell] with its inverse.
+struct group_inputs {
+    std::vector<float>   mask;
+    std::vector<int32_t> order, rank;
+
+    group_inputs(const triattention_candidates & c, int32_t group, int64_t n_head, const std::vector<llama_pos> & wpos) {
+        const int64_t n_gqa = n_head / c.n_head_kv;
+        mask.assign((size_t) n_head * wpos.size() * c.n_kv, 0.0f);
+        order.resize((size_t) n_head * c.n_kv);
+        rank.resize(order.size());
+        for (int64_t h = 0; h < n_head; ++h) {
+            const llama_pos * pos = c.row(group, h / n_gqa);
+            for (size_t j = 0; j < wpos.size(); ++j) {
+                float * row = mask.data() + (h * wpos.size() + j) * c.n_kv;
+                for (int32_t i = 0; i < c.n_kv; ++i) {
+                    row[i] = pos[i] >= 0 && pos[i] <= wpos[j] ? 0.0f : MASKED;
+                }
+            }
+            int32_t * o = order.data() + h * c.n_kv;
+            std::iota(o, o + c.n_kv, 0);
+            std::stable_sort(o, o + c.n_kv, [&](int32_t a, int32_t b) { return pos[a] < pos[b]; });
+            for (int32_t k = 0; k < c.n_kv; ++k) {
+                rank[h * c.n_kv + o[k]] = k;
+            }
+        }
+    }
+};
+
+class snapkv_scorer : public triattention_scorer {
+public:
+    explicit snapkv_scorer(llama_context * ctx)
+        : windows(ctx->get_model().hparams.n_layer()), layers(triattention_kv_cache(ctx)->get_layer_ids()) {
+        // observe the query nodes, passing every node on to the context's own eval callback
+        chained      = ctx->get_cparams().cb_eval;
+        chained_data = ctx->get_cparams().cb_eval_user_data;
+        ctx->set_eval_callback(observe, this);
+    }
+
+    void release(llama_context * ctx) override { ctx->set_eval_callback(chained, chained_data); }
+
+    void on_batch(llama_pos first) override {
+        // the batch's tokens follow the captured window only if it continues the sequence
+        for (auto & w : windows) {
+            if (w.next != first) {
+                w = {};
+            }
+            w.next = first;
+        }
+    }
+
+    llama_pos keep_from(const triattention_candidates & c) const override {
+        return ready(c) ? windows[layers[0]].pos.front() : -1;
+    }
+
+    bool score(llama_context * ctx, llama_kv_cache * kv, const triattention_candidates & c,
+               triattention_scores & out) override {
+        if (!ready(c)) {
+            // no window captured yet (a state just loaded, a compression asked before any decode):
+            // keep the most recent tokens
+            triattention_recency_scores(c, out);
+            return true;
+        }
+        const llama_hparams & hp = ctx->get_model().hparams;
+        const int64_t head_dim = hp.n_embd_head_k(layers[0]), n_head = hp.n_head(layers[0]);
+        const std::vector<llama_pos> & wpos = windows[layers[0]].pos;
+        const int64_t n_win = (int64_t) wpos.size();
+        const float scale = hp.f_attention_scale == 0.0f ? 1.0f / std::sqrt((float) head_dim) : hp.f_attention_scale;
+
+        ggml_context_ptr g = triattention_graph_context(TRIATTENTION_MAX_NODE);
+        auto input = [&](ggml_tensor * t) { ggml_set_input(t); return t; };
+        ggml_tensor * q_win = input(ggml_new_tensor_4d(g.get(), GGML_TYPE_F32, head_dim, n_head, n_win, layers.size()));
+        std::vector<ggml_tensor *> mask(c.n_groups), order(c.n_groups), rank(c.n_groups);
+        for (int32_t gi = 0; gi < c.n_groups; ++gi) {
+            mask[gi]  = input(ggml_new_tensor_3d(g.get(), GGML_TYPE_F32, c.n_kv, n_win, n_head));
+            order[gi] = input(ggml_new_tensor_2d(g.get(), GGML_TYPE_I32, c.n_kv, n_head));
+            rank[gi]  = input(ggml_new_tensor_2d(g.get(), GGML_TYPE_I32, c.n_kv, n_head));
+        }
+        ggml_cgraph * gf = ggml_new_graph_custom(g.get(), TRIATTENTION_MAX_NODE, false);
+        std::vector<ggml_tensor *> outputs;
+        for (size_t li = 0; li < layers.size(); ++li) {
+            const int32_t gi = c.n_groups == 1 ? 0 : (int32_t) li;
+            ggml_tensor * q = ggml_view_3d(g.get(), q_win, head_dim, n_head, n_win, q_win->nb[1], q_win->nb[2],
+                                           li * q_win->nb[3]);
+            ggml_tensor * keys = triattention_keys(g.get(), kv, hp, (int) layers[li], c.n_kv);
+            triattention_add_layer_output(g.get(), gf, outputs,
+                                          snapkv_layer(g.get(), keys, q, mask[gi], scale, order[gi], rank[gi]));
+        }
+        std::vector<float> q;
+        for (uint32_t il : layers) {
+            q.insert(q.end(), windows[il].q.begin(), windows[il].q.end());
+        }
+        if (kv->get_attn_rot_k()) {  // queries turned like the cached keys
+            for (size_t i = 0; i < q.size(); i += head_dim) {
+                triattn_fwht(q.data() + i, (int) head_dim);
+            }
+        }
+        std::vector<group_inputs> groups;
+        for (int32_t gi = 0; gi < c.n_groups; ++gi) {
+            groups.emplace_back(c, gi, n_head, wpos);
+        }
+        return triattention_run_layers(ctx, gf, outputs, [&] {
+            ggml_backend_tensor_set(q_win, q.data(), 0, ggml_nbytes(q_win));
+            for (int32_t gi = 0; gi < c.n_groups; ++gi) {
+                ggml_backend_tensor_set(mask[gi], groups[gi].mask.data(), 0, ggml_nbytes(mask[gi]));
+                ggml_backend_tensor_set(order[gi], groups[gi].order.data(), 0, ggml_nbytes(order[gi]));
+                ggml_backend_tensor_set(rank[gi], groups[gi].rank.data(), 0, ggml_nbytes(rank[gi]));
+            }
+        }, out);
+    }
+
+private:
+    // the post-RoPE queries of the last SNAP_WINDOW tokens decoded, per model layer; `next` is
+    // the position the next captured token will have
+    struct query_window {
+        std::vector<float>     q;    // [token][head][head_dim]
+        std::vector<llama_pos> pos;  // [token]
+        llama_pos              next = -1;
+    };
+    std::vector<query_window> windows;
+    std::vector<uint32_t> layers;  // the compressed layers
+    ggml_backend_sched_eval_callback chained = nullptr;  // the context's own eval callback
+    void * chained_data = nullptr;
+
+    // Whether every compressed layer captured the same window of queries, all already in the cache.
+    bool ready(const triattention_candidates & c) const {
+        const std::vector<llama_pos> & first = windows[layers[0]].pos;
+        if (first.empty() || first.back() > c.newest) {
+            return false;
+        }
+        return std::all_of(layers.begin(), layers.end(), [&](uint32_t il) { return windows[il].pos == first; });
+    }
+
+    // Keep the last SNAP_WINDOW tokens of a layer's post-RoPE query t.
+    void capture(const ggml_tensor * t) {
+        const int il = triattention_layer_of(t->name);
+        if (il < 0 || il >= (int) windows.size() || t->type != GGML_TYPE_F32 || t->nb[0] != sizeof(float)) {
+            return;
+        }
+        query_window & w = windows[il];
+        const int64_t head_dim = t->ne[0], n_head = t->ne[1], n_tokens = t->ne[2];
+        for (int64_t tok = std::max<int64_t>(0, n_tokens - SNAP_WINDOW); tok < n_tokens; ++tok) {
+            const size_t at = w.q.size();
+            w.q.resize(at + n_head * head_dim);
+            for (int64_t h = 0; h < n_head; ++h) {
+                ggml_backend_tensor_get(t, w.q.data() + at + h * head_dim, h * t->nb[1] + tok * t->nb[2],
+                                        head_dim * sizeof(float));
+            }
+            w.pos.push_back(w.next + (llama_pos) tok);
+        }
+        w.next += (llama_pos) n_tokens;
+        if (w.pos.size() > SNAP_WINDOW) {
+            const size_t drop = w.pos.size() - SNAP_WINDOW;
+            w.pos.erase(w.pos.begin(), w.pos.begin() + drop);
+            w.q.erase(w.q.begin(), w.q.begin() + drop * n_head * head_dim);
+        }
+    }
+
+    // The eval callback: asks for the query nodes, and passes every node on to the eval callback
+    // the context had before (only those it asks for, and its answer stops the graph as usual).
+    static bool observe(ggml_tensor * t, bool ask, void * user_data) {
+        auto & self = *static_cast<snapkv_scorer *>(user_data);
+        const bool theirs = self.chained != nullptr && self.chained(t, true, self.chained_data);
+        const bool ours = triattention_is_query_rope(t);
+        if (ask) {
+            return theirs || ours;
+        }
+        if (ours) {
+            self.capture(t);
+        }
+        return theirs ? self.chained(t, false, self.chained_data) : true;
+    }
+};
+
+}  // namespace
+
+std::unique_ptr<triattention_scorer> triattention_snapkv_scorer(llama_context * ctx) {
+    return std::make_unique<snapkv_scorer>(ctx);
+}

@@ -1,0 +1,6 @@
+"""The compression methods and select modes by name, as the C API numbers them (cpp/triattention.h).
+No imports: the command line lists them without loading the library."""
+
+METHODS = {"none": 0, "tri": 1, "streaming": 2, "knorm": 3, "random": 4, "snapkv": 5}
+SELECT_MODES = {"per-head": 0, "shared": 1, "per-layer-head": 2}
+DEFAULT_SELECT = "per-layer-head"  # the reference's mode; BENCHMARKS.md has the evals that chose it
