@@ -74,8 +74,11 @@ int32_t compress_now(llama_context * ctx, state & st, llama_pos next) {
     llama_kv_cache * kv = triattention_kv_cache(ctx);
     const int32_t n_head_kv = (int32_t) ctx->get_model().hparams.n_head_kv(kv->get_layer_ids()[0]);
     llama_kv_cells & cells = kv->get_cells_mut(0);
-    st.records.forget_if_cleared(cells);
-    const bool cut = st.records.cut_inside(cells);
+    const auto truncation = st.records.truncation_at(cells, next);
+    if (truncation == triattention_records::truncation::cleared) {
+        st.records = {};
+    }
+    const bool cut = truncation == triattention_records::truncation::cut;
     if (!cut && (int32_t) cells.get_used() <= st.params.budget) {
         return 0;
     }
@@ -262,8 +265,8 @@ int32_t triattention_set_params(llama_context * ctx, triattention_params params)
     if (params.method == TRIATTENTION_METHOD_TRI && st.centres.q_re.empty()) {
         return triattention_fail("method tri needs the query centres: call triattention_set_centers first");
     }
-    if (kv != nullptr) {
-        st.records.forget_if_cleared(kv->get_cells(0));
+    if (kv != nullptr && kv->get_cells(0).seq_pos_max(0) < 0) {
+        st.records = {};  // an empty cache starts afresh, whatever emptied it
     }
     if (st.records.n_cells() > 0 && st.records.n_groups > 1 && params.select != TRIATTENTION_SELECT_PER_LAYER_HEAD) {
         return triattention_fail("the cache holds per-layer-head compaction records: clear it before choosing "
@@ -397,7 +400,8 @@ int32_t triattention_on_decode(llama_context * ctx, const llama_batch & batch) {
     llama_kv_cache * kv = triattention_kv_cache(ctx);
     llama_kv_cells & cells = kv->get_cells_mut(0);
     const llama_pos first = batch.pos && batch.n_tokens > 0 ? batch.pos[0] : cells.seq_pos_max(0) + 1;
-    if (st->records.cut_inside(cells) && compress_now(ctx, *st, first) != 0) {
+    if (st->records.truncation_at(cells, first) != triattention_records::truncation::none &&
+        compress_now(ctx, *st, first) != 0) {
         LLAMA_LOG_ERROR("%s: KV compression after a cut failed: %s\n", __func__, g_error.c_str());
         return -1;
     }

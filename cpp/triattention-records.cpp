@@ -2,16 +2,14 @@
 
 #include <algorithm>
 
-void triattention_records::forget_if_cleared(const llama_kv_cells & cells) {
-    if (compressed_upto >= 0 && cells.seq_pos_max(0) < 0) {
-        *this = {};
-    }
-}
-
-bool triattention_records::cut_inside(const llama_kv_cells & cells) const {
+triattention_records::truncation triattention_records::truncation_at(const llama_kv_cells & cells,
+                                                                     llama_pos next) const {
     // the cell of the newest compacted token keeps it unless the cut came before it
     const llama_pos last = cells.seq_pos_max(0);
-    return compressed_upto >= 0 && last >= 0 && last < compressed_upto;
+    if (compressed_upto < 0 || last >= compressed_upto) {
+        return truncation::none;
+    }
+    return last < 0 && next <= 0 ? truncation::cleared : truncation::cut;
 }
 
 std::vector<int32_t> triattention_records::serialize() const {

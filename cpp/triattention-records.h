@@ -18,13 +18,13 @@ struct triattention_records {
 
     int32_t n_cells() const { return (int32_t) cell_pos.size(); }
 
-    // llama.cpp cleared the cache: forget every record.
-    void forget_if_cleared(const llama_kv_cells & cells);
-
-    // Whether llama.cpp cut the sequence inside the compacted history: seq_rm freed every cell whose
-    // newest token lies past the cut, though most of the tokens in them, each head's and layer's,
-    // precede it. Their rows stay in place until the next decode writes there.
-    bool cut_inside(const llama_kv_cells & cells) const;
+    // What llama.cpp did to the compacted history since the last compression, as the sequence
+    // continues at `next`: nothing; cleared the cache (next is 0: the records are void); or cut the
+    // sequence inside it: seq_rm freed every cell whose newest token lies past the cut, though most
+    // of the tokens in them, each head's and layer's, precede it (with 90 rows per cell, often every
+    // cell). Their rows stay in place until the next decode writes there.
+    enum class truncation { none, cleared, cut };
+    truncation truncation_at(const llama_kv_cells & cells, llama_pos next) const;
 
     // int32 n_groups, n_head_kv, n_cells, compressed_upto; cell_pos[n_cells]; head_pos[n_groups][n_head_kv][n_cells]
     std::vector<int32_t> serialize() const;

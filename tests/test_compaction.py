@@ -420,3 +420,84 @@ def test_a_model_whose_every_layer_slides_is_refused_by_name(gemma3_path, tmp_pa
     with loaded_model(path) as model, model_context(model, n_ctx=1024, n_threads=2) as ctx:
         with pytest.raises(CompressionError, match="architecture 'gemma3' has no KV cache of full-attention layers"):
             configure(ctx, "knorm", BUDGET, DIVIDE)
+
+
+def test_a_cut_under_per_layer_head_keeps_each_rows_tokens_before_it(smollm2_path, smollm2_centres):
+    """Every (layer, head) row keeps its own tokens, so after a cut into the last 20 tokens most cells
+    hold some later token in some row. The next decode compacts each row's tokens before the cut
+    into as many cells as the row with the fewest has (what cells_before predicted), rows intact."""
+    with loaded_model(smollm2_path) as model:
+        facts = facts_of(smollm2_path, open_gguf(smollm2_path), model)
+        hd, hkv = facts.head_dim, facts.n_head_kv
+        with open_ctx(model, False) as ctx:
+            configure(ctx, "tri", BUDGET, DIVIDE, centers=smollm2_centres)
+            tokens = tokenize(model, default_text()[:4000])
+            decode(ctx, tokens[:N_PROMPT])
+            compress(ctx)
+            held = head_positions(ctx)  # [layer, head, cell]
+            cut = N_PROMPT - 20
+            rows = {(il, hk, p): (k[c, hk * hd:(hk + 1) * hd], v[c, hk * hd:(hk + 1) * hd])
+                    for il, (k, v) in enumerate(cache_rows(ctx, il, hkv * hd, hkv * hd) for il in range(facts.n_layer))
+                    for hk in range(hkv) for c, p in enumerate(held[il, hk])}
+            expected = int((held < cut).sum(axis=2).min())
+            assert lib.triattention_cells_before(ctx, cut) == expected
+            assert expected > (lib.triattention_get_cache_info(ctx).cells_used - 20) // 2
+            mem = ll.llama_get_memory(ctx)
+            assert ll.llama_memory_seq_rm(mem, 0, cut, -1)
+            assert ll.llama_memory_seq_pos_max(mem, 0) < cut - 1  # llama.cpp dropped most cells
+            batch = ll.llama_batch_init(1, 0, 1)
+            batch.token[0], batch.pos[0], batch.n_seq_id[0], batch.logits[0] = tokens[cut], cut, 1, True
+            batch.seq_id[0][0] = 0
+            batch.n_tokens = 1
+            rc = ll.llama_decode(ctx, batch)
+            ll.llama_batch_free(batch)
+            assert rc == 0
+            assert ll.llama_memory_seq_pos_max(mem, 0) == cut
+            assert stats(ctx)["compressions"] == 1  # a repair is no compression
+            after = head_positions(ctx)
+            assert after.shape == (facts.n_layer, hkv, expected)
+            assert np.all(after < cut) and np.all(after >= 0)
+            for il in range(facts.n_layer):
+                k, v = cache_rows(ctx, il, hkv * hd, hkv * hd)
+                assert k.shape[0] == expected + 1  # and the new token
+                for hk in range(hkv):
+                    assert len(set(after[il, hk])) == expected
+                    for c, p in enumerate(after[il, hk]):
+                        old_k, old_v = rows[(il, hk, p)]
+                        assert np.array_equal(k[c, hk * hd:(hk + 1) * hd], old_k), (il, hk, p)
+                        assert np.array_equal(v[c, hk * hd:(hk + 1) * hd], old_v), (il, hk, p)
+
+
+def test_per_layer_records_need_per_layer_head_selection(smollm2_path, smollm2_centres):
+    with loaded_model(smollm2_path) as model, open_ctx(model, False) as ctx:
+        configure(ctx, "tri", BUDGET, DIVIDE, centers=smollm2_centres)
+        decode(ctx, tokenize(model, default_text()[:4000])[:N_PROMPT])
+        compress(ctx)
+        size = lib.triattention_records_size(ctx)
+        import ctypes
+
+        records = ctypes.create_string_buffer(size)
+        lib.triattention_records_get(ctx, records, size)
+        with pytest.raises(CompressionError, match="per-layer-head compaction records: clear it before choosing "
+                                                   "select mode per-head"):
+            configure(ctx, "tri", BUDGET, DIVIDE, "per-head", centers=smollm2_centres)
+        ll.llama_memory_clear(ll.llama_get_memory(ctx), True)
+        configure(ctx, "tri", BUDGET, DIVIDE, "per-head", centers=smollm2_centres)  # a cleared cache may switch
+        assert lib.triattention_records_set(ctx, records.raw, size) == -1
+        assert "come from select mode per-layer-head" in lib.triattention_last_error().decode()
+
+
+def test_a_kept_prefix_is_never_evicted(smollm2_path, smollm2_centres):
+    from triattention_gguf.compression import keep_prefix
+
+    with loaded_model(smollm2_path) as model, open_ctx(model, False) as ctx:
+        configure(ctx, "tri", BUDGET, DIVIDE, centers=smollm2_centres)
+        with pytest.raises(CompressionError, match="kept prefix of 64 tokens does not fit in budget 64"):
+            keep_prefix(ctx, BUDGET)
+        keep_prefix(ctx, 40)
+        decode(ctx, tokenize(model, default_text()[:8000])[:N_PROMPT + 4 * DIVIDE])
+        assert stats(ctx)["compressions"] >= 4
+        held = head_positions(ctx)
+        assert all(set(range(40)) <= set(row) for row in held.reshape(-1, held.shape[-1]))
+        with pytest.raises(CompressionError, match="kept prefix of 40 tokens does not fit in budget 32"):
+            configure(ctx, "tri", 32, DIVIDE, centers=smollm2_centres)

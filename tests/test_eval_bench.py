@@ -1,6 +1,8 @@
 """`triattention-gguf eval` and `bench`, CI-sized, on SmolLM2: structure and sanity, no timings."""
 import json
 
+import numpy as np
+
 import pytest
 
 from triattention_gguf.cli import main
@@ -61,3 +63,23 @@ def test_bad_arguments_are_usage_errors(centred, tmp_path, capsys):
     assert "comma-separated numbers" in capsys.readouterr().err
     assert main(["eval", centred, "--methods", "none,snap", "--out", str(tmp_path)]) == 2
     assert "unknown kv_compress 'snap'" in capsys.readouterr().err
+
+
+def test_each_sequence_is_read_as_by_a_fresh_context(centred):
+    """The eval reuses its contexts across windows and prompts: the second sequence's measures equal
+    those of a run that reads it alone (nothing of the first's compaction records carries over)."""
+    from triattention_gguf.calibrate import default_text
+    from triattention_gguf.evaluation import fidelity
+    from triattention_gguf.harness import configs_for
+    from triattention_gguf.modelinfo import model_with_facts, tokenize
+
+    with model_with_facts(centred) as (model, facts):
+        tokens = tokenize(model, default_text())
+        first, second = (tokens[:400], 1), (tokens[5000:5300], 40)
+        configs = configs_for(["tri", "snapkv+prompt"], [96], 32)
+        both, _ = fidelity(model, facts, [first, second], configs, 32, 32, 2, progress=False)
+        alone, _ = fidelity(model, facts, [second], configs, 32, 32, 2, progress=False)
+    for config in configs:
+        n = len(alone[config.label].array("kl"))
+        assert alone[config.label].array("compressed").any()
+        np.testing.assert_array_equal(both[config.label].array("kl")[-n:], alone[config.label].array("kl"))

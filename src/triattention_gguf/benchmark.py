@@ -49,7 +49,7 @@ def bench_length(model, facts: ModelFacts, centres: Centers | None, text_tokens:
                             n_threads, centres)
             prefill = _prefill(runner, tokens)
             s = runner.stats()
-            rows[config.label] = {"method": config.method, "budget": config.budget or length, "length": length,
+            rows[config.label] = {"method": config.name, "budget": config.budget or length, "length": length,
                                   "prefill_tps": prefill, "kv_bytes": s["kv_bytes"],
                                   "rss_mib": (_rss_bytes() - rss) / 2**20, "compressions": s["compressions"]}
             decode[config.label] = []
@@ -78,7 +78,7 @@ def bench(model_path: str, methods: list[str], budgets: list[int], lengths: list
           progress: bool = True) -> list[dict]:
     """Rows for every length (up to the model's trained context) x config on one model."""
     with model_with_facts(model_path) as (model, facts):
-        centres = load_centers(facts) if "tri" in methods else None
+        centres = load_centers(facts) if any(Config.parse(m).method == "tri" for m in methods) else None
         text_tokens = tokenize(model, text)
         rows = []
         for length in sorted(n for n in lengths if n <= facts.n_ctx_train):

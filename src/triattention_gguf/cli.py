@@ -162,8 +162,9 @@ def _report(args: argparse.Namespace, name: str, rows: list[dict], columns: list
     print(f"written: {out / f'{name}.md'}, {out / f'{name}.json'}, {out / f'{name}.png'}")
 
 
-EVAL_COLUMNS = ["model", "method", "budget", "fraction", "kl", "top1", "ppl", "ppl_full", "recall", "passkey",
-                "own_output", "compressions"]
+EVAL_COLUMNS = ["model", "setting", "method", "budget", "fraction", "kl", "kl_compressed", "vs", "d_kl", "d_lo", "d_hi",
+                "kl_far", "kl_near", "far_share", "top1", "top1_compressed", "first_diff", "ppl", "ppl_full", "recall",
+                "passkey", "own_output", "compressions", "prompts_kept"]
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -172,9 +173,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     _quiet_llama(args.verbose)
     _fill_defaults(args, dict(tokens=1024, budgets="1/4,256", retrieval_tokens=768, retrieval_trials=1,
-                              recall_checkpoints=2),
-                   dict(tokens=8192, budgets="1/2,1/4,1/8,1/16,256,512,1024,2048", retrieval_tokens=2048,
-                        retrieval_trials=3, recall_checkpoints=4))
+                              recall_checkpoints=2, tasks=2),
+                   dict(tokens=8192, budgets="1/4,1/8", retrieval_tokens=2048, retrieval_trials=3,
+                        recall_checkpoints=4, tasks=0))
     if args.chunk > args.divide_length:
         raise UsageError(f"--chunk {args.chunk} is larger than --divide-length {args.divide_length}: compression "
                          "would not happen as it does while decoding")
@@ -184,7 +185,8 @@ def _eval(args: argparse.Namespace) -> int:
         for model in args.model:
             rows += evaluate(model, args.methods.split(","), args.budgets.split(","), text, args.tokens,
                              args.divide_length, args.chunk, args.retrieval_tokens, args.retrieval_trials,
-                             args.recall_checkpoints, args.threads, progress=not args.quiet)
+                             args.recall_checkpoints, args.threads, progress=not args.quiet, windows=args.windows,
+                             generate=args.generate, tasks=args.tasks)
     except ValueError as err:
         raise UsageError(str(err)) from err
     _report(args, "eval", rows, EVAL_COLUMNS, [r for r in rows if r["method"] != "none"], "budget",
@@ -215,7 +217,7 @@ def _bench(args: argparse.Namespace) -> int:
         rows += bench(model, args.methods.split(","), budgets, lengths, text, args.divide_length, args.decode_tokens,
                       args.rounds, args.threads, progress=not args.quiet)
     # one line per configuration: the full cache's row carries the length as its budget
-    plot_rows = [{**row, "config": Config(row["method"], row["budget"]).label} for row in rows]
+    plot_rows = [{**row, "config": Config.parse(row["method"], row["budget"]).label} for row in rows]
     _report(args, "bench", rows, BENCH_COLUMNS, plot_rows, "length",
             [("decode_tps_median", "decode tokens/s (median)"), ("kv_bytes", "KV bytes allocated")], line_key="config")
     return 0
@@ -290,9 +292,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="quality under compression against the full cache: KL, top-1, perplexity, "
                                      "attention recall, retrieval; table, JSON and plot")
     measure_options(ev, "eval", "1024 tokens, budgets 1/4 and 256")
-    ev.add_argument("--methods", default="none,tri,streaming,knorm,random,snapkv")
+    ev.add_argument("--methods", default="none,tri,streaming,knorm,random,snapkv",
+                    help="method specs name[/select][+prompt]: tri/per-head is tri with per-head selection, "
+                         "snapkv+prompt keeps the prompt (default: none,tri,streaming,knorm,random,snapkv)")
     ev.add_argument("--budgets", default=None, help="cells (1024) or fractions of the text (1/4), comma-separated "
-                                                     "(default 1/2,1/4,1/8,1/16,256,512,1024,2048)")
+                                                     "(default 1/4,1/8)")
+    ev.add_argument("--windows", type=_positive, default=1, help="windows of --tokens tokens at different offsets "
+                                                                  "of the text, pooled (default 1)")
+    ev.add_argument("--generate", type=_positive, default=0, metavar="N",
+                    help="the paper's setting: the shipped task set's prompts, each followed by N tokens the full "
+                         "cache generates; scored on those, budgets as fractions of N, every method also with "
+                         "its prompt kept")
+    ev.add_argument("--tasks", type=int, default=None, help="with --generate: the first this many prompts "
+                                                            "(default all 24)")
     ev.add_argument("--tokens", type=_positive, default=None, help="tokens of text to evaluate (default 8192)")
     ev.add_argument("--chunk", type=_positive, default=32, help="tokens fed at a time (<= divide-length)")
     ev.add_argument("--retrieval-tokens", type=_positive, default=None, help="context of retrieval prompts (default 2048)")

@@ -1,8 +1,14 @@
 """`triattention-gguf eval`: what compression costs in quality, against the full cache of the same run.
 
-- fidelity: the text is fed in chunks (no larger than divide_length, so compression happens
-  as it would while decoding); every position's next-token distribution is compared with
-  the full cache's: KL(full || method), top-1 agreement, and the perplexity of both.
+- fidelity (teacher-forced): sequences are fed in chunks (no larger than divide_length, so
+  compression happens as it would while decoding); every scored position's next-token
+  distribution is compared with the full cache's: KL(full || method), top-1 agreement, and the
+  perplexity of both. The sequences are windows of a text (`windows`), or in the paper's setting
+  (`generate`) a task set's prompts followed by what the full cache generated for them greedily,
+  scored on the generated positions only.
+- each method's mean difference in KL to the best baseline at its budget, over the positions
+  after the first compression, with a block-bootstrap 95% interval (paired.py); KL split by
+  positions that copy a phrase from more than a budget back.
 - recall: at checkpoints, the share of the full-cache attention of the next chunk's queries
   (every compressed layer and query head) that falls on the keys the compressed cache still holds.
 - retrieval: a pass key placed early in a long text, asked for at the end; and a number the
@@ -10,28 +16,57 @@
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from triattention_gguf._lib import llama_cpp_bindings as ll
 from triattention_gguf.calibrate import default_text, last_queries, query_capture
 from triattention_gguf.compression import cache_rows, compressed_layers
-from triattention_gguf.harness import FULL, Config, Runner, configs_for, parse_budgets, runners
+from triattention_gguf.harness import FULL, KEEP_PROMPT, Config, Runner, configs_for, parse_budgets, runners
 from triattention_gguf.modelinfo import ModelFacts, detokenize, model_with_facts, tokenize
+from triattention_gguf.paired import block_bootstrap_ci, block_ids, far_copies
+
+BASELINES = ("streaming", "knorm", "random", "snapkv")
 
 
 @dataclass
-class Totals:
-    kl: float = 0.0
-    top1: int = 0
-    nll: float = 0.0
-    positions: int = 0
-    recall: float = 0.0
-    recall_points: int = 0
+class Trace:
+    """One config's measures at every scored position, in the order they were scored."""
+    kl: list = field(default_factory=list)
+    top1: list = field(default_factory=list)          # its argmax equals the full cache's
+    follows: list = field(default_factory=list)       # its argmax equals the token that follows
+    nll: list = field(default_factory=list)
+    compressed: list = field(default_factory=list)    # after its first compression in the sequence
+    recall: list = field(default_factory=list)
+    compressions: int = 0
+    prompts_kept: int = 0                             # sequences whose prompt a keep_prompt config kept
+
+    def add(self, **columns) -> None:
+        for name, values in columns.items():
+            getattr(self, name).append(np.asarray(values))
+
+    def array(self, name: str) -> np.ndarray:
+        parts = getattr(self, name)
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+
+@dataclass
+class Scored:
+    """Where the scored positions come from: segment (sequence) and position of each, the tokens
+    of every segment, and the first scored position of each."""
+    segment: list = field(default_factory=list)
+    position: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)
+    start: list = field(default_factory=list)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -40,15 +75,18 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
 
 
-def _held(runner: Runner, facts: ModelFacts, start: int) -> np.ndarray:
-    """[query head, key] whether runner's cache holds each key before `start`."""
+def _held(runner: Runner, facts: ModelFacts, start: int) -> list[np.ndarray]:
+    """Per group of the runner's records, [query head, key]: whether its cache holds each key before `start`."""
     upto = runner.stats()["compressed_upto"]
     gqa = facts.n_head // facts.n_head_kv
-    held = np.zeros((facts.n_head, start), dtype=bool)
-    for hk, positions in enumerate(runner.kept_positions()):
-        held[hk * gqa:(hk + 1) * gqa, positions[positions < start]] = True
-    held[:, upto + 1:start] = True  # read since the last compression: held as they are
-    return held
+    out = []
+    for group in runner.kept_positions() or [[]]:
+        held = np.zeros((facts.n_head, start), dtype=bool)
+        for hk, positions in enumerate(group):
+            held[hk * gqa:(hk + 1) * gqa, positions[positions < start]] = True
+        held[:, upto + 1:start] = True  # read since the last compression: held as they are
+        out.append(held)
+    return out
 
 
 def _recall(full: Runner, calib, facts: ModelFacts, start: int, n: int, others: list[Runner]) -> list[float]:
@@ -60,7 +98,7 @@ def _recall(full: Runner, calib, facts: ModelFacts, start: int, n: int, others: 
     causal = np.arange(start + n)[None, :] > (start + np.arange(n))[:, None]
     shares = np.zeros(len(others))
     layers = compressed_layers(full.ctx)  # a sliding-window model's window layers are llama.cpp's own
-    for il in layers:
+    for li, il in enumerate(layers):
         q = last_queries(calib, facts, il, True, n)  # [n, h, hd]
         k = cache_rows(full.ctx, il, hkv * hd, hkv * hd)[0].reshape(-1, hkv, hd)[:, np.arange(h) // (h // hkv)]
         logits = np.einsum("qhd,khd->hqk", q, k) / np.float32(np.sqrt(hd))
@@ -68,43 +106,152 @@ def _recall(full: Runner, calib, facts: ModelFacts, start: int, n: int, others: 
         p = np.exp(logits - logits.max(-1, keepdims=True))
         old = p[:, :, :start]
         mass = np.maximum(old.sum(-1), 1e-30)
-        for i, mask in enumerate(held):
+        for i, groups in enumerate(held):
+            mask = groups[li % len(groups)]
             shares[i] += ((old * mask[:, None, :]).sum(-1) / mass).mean()
     return list(shares / len(layers))
 
 
-def fidelity(model, facts: ModelFacts, tokens: list[int], configs: list[Config], divide_length: int, chunk: int,
-             n_threads: int | None, recall_checkpoints: int = 4, progress: bool = True) -> dict[str, dict]:
-    """Teacher-forced comparison of every config with the full cache on tokens."""
+def _read(group: list[Runner], tokens: list[int], score_from: int, chunk: int, traces: dict[str, Trace],
+          recall_at: set[int] = frozenset(), calib=None, facts: ModelFacts | None = None) -> None:
+    """Feed tokens to every runner from an empty cache, and add the measures of positions
+    score_from .. len(tokens) - 2 (each predicting the next token) to traces."""
+    full, others = group[0], group[1:]
+    for runner in group:
+        runner.reset()
+    before = {runner.config.label: runner.stats()["compressions"] for runner in group}
     n_chunks = (len(tokens) - 1 + chunk - 1) // chunk
-    checkpoints = {n_chunks * (i + 1) // (recall_checkpoints + 1) for i in range(recall_checkpoints)}
-    totals = {FULL: Totals(), **{c.label: Totals() for c in configs}}
-    with query_capture(model, keep_last=True) as (calib, feed), \
-            runners(model, facts, configs, len(tokens), divide_length, chunk, n_threads, **feed) as group:
-        full, others = group[0], group[1:]
-        for index in tqdm(range(n_chunks), desc=f"eval {len(configs)} configs", unit="chunk", disable=not progress):
-            start = index * chunk
-            piece = tokens[start:start + chunk]
-            targets = np.array(tokens[start + 1:start + 1 + len(piece)])
-            lp_full = _log_softmax(full.decode(piece))[:len(targets)]
-            p_full = np.exp(lp_full)
+    for index in range(n_chunks):
+        start = index * chunk
+        piece = tokens[start:start + chunk]
+        targets = np.array(tokens[start + 1:start + 1 + len(piece)])
+        lo = max(0, score_from - start)
+        if lo >= len(targets):
             for runner in group:
-                t = totals[runner.config.label]
-                lp = lp_full if runner is full else _log_softmax(runner.decode(piece))[:len(targets)]
-                t.kl += float((p_full * (lp_full - lp)).sum())
-                t.top1 += int((lp.argmax(1) == lp_full.argmax(1)).sum())
-                t.nll -= float(lp[np.arange(len(targets)), targets].sum())
-                t.positions += len(targets)
-            if index in checkpoints and start > 0:
-                for runner, share in zip(others, _recall(full, calib, facts, start, len(piece), others)):
-                    totals[runner.config.label].recall += share
-                    totals[runner.config.label].recall_points += 1
-        compressions = {r.config.label: r.stats()["compressions"] for r in others}
-    return {label: {"kl": t.kl / t.positions, "top1": t.top1 / t.positions,
-                    "ppl": float(np.exp(t.nll / t.positions)),
-                    "recall": t.recall / t.recall_points if t.recall_points else 1.0,
-                    "compressions": compressions.get(label, 0)}
-            for label, t in totals.items()}
+                runner.decode(piece, logits=False)
+            continue
+        lp_full = _log_softmax(full.decode(piece)[lo:len(targets)])
+        p_full, best = np.exp(lp_full), lp_full.argmax(1)
+        for runner in group:
+            lp = lp_full if runner is full else _log_softmax(runner.decode(piece)[lo:len(targets)])
+            traces[runner.config.label].add(
+                kl=(p_full * (lp_full - lp)).sum(1), top1=lp.argmax(1) == best, follows=lp.argmax(1) == targets[lo:],
+                nll=-lp[np.arange(len(lp)), targets[lo:]],
+                compressed=np.full(len(lp), runner.stats()["compressions"] > before[runner.config.label]))
+        if index in recall_at and start > 0:
+            for runner, share in zip(others, _recall(full, calib, facts, start, len(piece), others)):
+                traces[runner.config.label].add(recall=[share])
+
+
+@contextlib.contextmanager
+def _no_capture():
+    yield None, {}
+
+
+def fidelity(model, facts: ModelFacts, sequences: list[tuple[list[int], int]], configs: list[Config],
+             divide_length: int, chunk: int, n_threads: int | None, recall_checkpoints: int = 0,
+             progress: bool = True) -> tuple[dict[str, Trace], Scored]:
+    """Teacher-forced comparison of every config with the full cache on each (tokens, n_prompt)
+    sequence, scored on the positions that predict tokens[n_prompt:] (a keep_prompt config keeps
+    tokens[:n_prompt]); with recall_checkpoints, attention recall at that many chunks of each."""
+    n_ctx = max(len(tokens) for tokens, _ in sequences)
+    traces = {FULL: Trace(), **{c.label: Trace() for c in configs}}
+    scored = Scored()
+    capture = query_capture(model, keep_last=True) if recall_checkpoints else None
+    with (capture if capture is not None else _no_capture()) as (calib, feed), \
+            runners(model, facts, configs, n_ctx, divide_length, chunk, n_threads, **feed) as group:
+        for segment, (tokens, n_prompt) in enumerate(tqdm(sequences, desc=f"eval {len(configs)} configs",
+                                                           unit="sequence", disable=not progress)):
+            n_chunks = (len(tokens) - 1 + chunk - 1) // chunk
+            recall_at = {n_chunks * (i + 1) // (recall_checkpoints + 1) for i in range(recall_checkpoints)}
+            for runner in group[1:]:
+                traces[runner.config.label].prompts_kept += runner.keep_prompt(n_prompt)
+            score_from = n_prompt - 1
+            _read(group, tokens, score_from, chunk, traces, recall_at, calib, facts)
+            n = len(tokens) - 1 - score_from
+            scored.segment.append(np.full(n, segment))
+            scored.position.append(np.arange(score_from, len(tokens) - 1))
+            scored.tokens.append(tokens)
+            scored.start.append(score_from)
+        for runner in group:
+            traces[runner.config.label].compressions = runner.stats()["compressions"]
+    return traces, scored
+
+
+def _mean(values: np.ndarray) -> float | None:
+    return float(values.mean()) if values.size else None
+
+
+def summarize(traces: dict[str, Trace], scored: Scored, configs: list[Config], block: int) -> dict[str, dict]:
+    """Per config label: means over every scored position and over those after the first
+    compression, KL split by far copies, and against the best baseline at its budget the paired
+    mean difference of KL after the first compression with its 95% block-bootstrap interval."""
+    segments, positions = np.concatenate(scored.segment), np.concatenate(scored.position)
+    blocks = block_ids(segments, positions, block)
+
+    def far_mask(budget: int) -> np.ndarray:
+        return np.concatenate([far_copies(tokens, budget)[start:] for tokens, start in zip(scored.tokens, scored.start)])
+
+    def after(label: str) -> np.ndarray:
+        return traces[label].array("compressed").astype(bool)
+
+    out = {}
+    for config in [Config(FULL)] + configs:
+        t = traces[config.label]
+        kl, compressed, follows = t.array("kl"), after(config.label), t.array("follows").astype(bool)
+        firsts = [np.argmin(f) if not f.all() else len(f) for f in np.split(follows, np.cumsum(
+            [len(s) for s in scored.segment])[:-1])]
+        row = {"kl": float(kl.mean()), "kl_compressed": _mean(kl[compressed]), "top1": float(t.array("top1").mean()),
+               "top1_compressed": _mean(t.array("top1")[compressed]), "ppl": float(np.exp(t.array("nll").mean())),
+               "recall": _mean(t.array("recall")), "first_diff": float(np.mean(firsts)),
+               "compressions": t.compressions, "prompts_kept": t.prompts_kept}
+        if config.method != FULL:
+            far = far_mask(config.budget)
+            row.update(kl_far=_mean(kl[compressed & far]), kl_near=_mean(kl[compressed & ~far]),
+                       far_share=_mean(far[compressed].astype(float)))
+            rivals = [c for c in configs if c.method in BASELINES and c.budget == config.budget
+                      and c.keep_prompt == config.keep_prompt and c != config]
+            if rivals:
+                best = min(rivals, key=lambda c: _mean(traces[c.label].array("kl")[after(c.label)]) or 0.0)
+                both = compressed & after(best.label)
+                diff = kl[both] - traces[best.label].array("kl")[both]
+                d, lo, hi = block_bootstrap_ci(diff, np.unique(blocks[both], return_inverse=True)[1])
+                row.update(vs=best.name, d_kl=d, d_lo=lo, d_hi=hi)
+        out[config.label] = row
+    return out
+
+
+def task_prompts(model, limit: int = 0) -> list[tuple[str, list[int]]]:
+    """(kind, tokens) of the shipped task set's prompts (data/generate_tasks.json: step-by-step
+    reasoning, code, long explanations, multi-turn chats) in the model's chat template."""
+    tasks = json.loads(resources.files("triattention_gguf").joinpath("data/generate_tasks.json").read_text())
+    template = ll.llama_model_chat_template(model, None)
+    if not template:
+        raise ValueError("the model has no chat template; --generate needs one to write its prompts")
+    out = []
+    for task in tasks[:limit or None]:
+        messages = (ll.llama_chat_message * len(task["messages"]))(
+            *[ll.llama_chat_message(m["role"].encode(), m["content"].encode()) for m in task["messages"]])
+        size = ll.llama_chat_apply_template(template, messages, len(messages), True, None, 0)
+        buf = ctypes.create_string_buffer(size + 1)
+        if size < 0 or ll.llama_chat_apply_template(template, messages, len(messages), True, buf, size + 1) != size:
+            raise ValueError("llama.cpp does not know the model's chat template; --generate needs one it knows")
+        out.append((task["kind"], tokenize(model, buf.raw[:size].decode("utf-8"), special=True)))
+    return out
+
+
+def generated(model, facts: ModelFacts, prompts: list[list[int]], n: int, chunk: int, n_threads: int | None,
+              progress: bool = True) -> list[tuple[list[int], int]]:
+    """(prompt + up to n tokens the full cache generates greedily, stopping at an end of generation;
+    len(prompt)) per prompt."""
+    vocab = ll.llama_model_get_vocab(model)
+    out = []
+    with runners(model, facts, [], max(map(len, prompts)) + n + 1, chunk, chunk, n_threads) as (full,):
+        for prompt in tqdm(prompts, desc=f"generate {n} tokens", unit="prompt", disable=not progress):
+            full.reset()
+            full.feed(prompt)
+            out.append((prompt + full.greedy(n, stop=lambda token: ll.llama_vocab_is_eog(vocab, token)), len(prompt)))
+    return out
 
 
 def _needle_prompts(model, filler: list[int], context: int, trials: int) -> list[tuple[list[int], str]]:
@@ -148,26 +295,54 @@ def retrieval(model, facts: ModelFacts, configs: list[Config], context: int, div
     return scores
 
 
+def text_windows(tokens: list[int], n: int, windows: int) -> list[list[int]]:
+    """`windows` windows of n tokens: apart when the text is long enough, else evenly spread."""
+    if windows * n <= len(tokens):
+        return [tokens[i * n:(i + 1) * n] for i in range(windows)]
+    starts = np.linspace(0, len(tokens) - n, windows).astype(int) if windows > 1 else [0]
+    return [tokens[s:s + n] for s in starts]
+
+
 def evaluate(model_path: str, methods: list[str], budget_specs: list[str], text: str, n_tokens: int,
              divide_length: int = 128, chunk: int = 32, retrieval_tokens: int = 2048, retrieval_trials: int = 3,
-             recall_checkpoints: int = 4, n_threads: int | None = None, progress: bool = True) -> list[dict]:
-    """One row per method x budget (and one for the full cache) on one model."""
+             recall_checkpoints: int = 4, n_threads: int | None = None, progress: bool = True, windows: int = 1,
+             generate: int = 0, tasks: int = 0) -> list[dict]:
+    """One row per method x budget (and one for the full cache) on one model: on `windows` windows
+    of n_tokens of text, or with generate > 0 on the task set's prompts and the generate tokens the
+    full cache writes after each (budgets are then fractions of `generate`; every method is also
+    run with its prompt kept)."""
     with model_with_facts(model_path) as (model, facts):
-        tokens = tokenize(model, text)[:min(n_tokens, facts.n_ctx_train)]
-        if len(tokens) < 2 * chunk:
-            raise ValueError(f"the text has {len(tokens)} tokens; eval needs at least {2 * chunk}")
-        budgets = parse_budgets(budget_specs, len(tokens))
+        if generate:
+            prompts = task_prompts(model, tasks)
+            sequences = generated(model, facts, [p for _, p in prompts], generate, chunk, n_threads, progress)
+            budgets = parse_budgets(budget_specs, generate)
+            methods = methods + [m + KEEP_PROMPT for m in methods if Config.parse(m).method != FULL
+                                 and not m.endswith(KEEP_PROMPT)]
+            recall_checkpoints = retrieval_trials = 0
+        else:
+            n = min(n_tokens, facts.n_ctx_train)
+            pieces = text_windows(tokenize(model, text), n, windows)
+            if len(pieces[0]) < 2 * chunk:
+                raise ValueError(f"the text has {len(pieces[0])} tokens; eval needs at least {2 * chunk}")
+            sequences = [(piece, 1) for piece in pieces]
+            budgets = parse_budgets(budget_specs, len(pieces[0]))
         configs = configs_for(methods, budgets, divide_length)
-        quality = fidelity(model, facts, tokens, configs, divide_length, chunk, n_threads, recall_checkpoints, progress)
+        traces, scored = fidelity(model, facts, sequences, configs, divide_length, chunk, n_threads,
+                                  recall_checkpoints, progress)
+        quality = summarize(traces, scored, configs, divide_length)
         retrieval_context = min(retrieval_tokens, facts.n_ctx_train)
         found = (retrieval(model, facts, [c for c in configs if c.budget < retrieval_context], retrieval_context,
                            divide_length, chunk, n_threads, retrieval_trials, progress) if retrieval_trials else {})
+    length = generate or len(sequences[0][0])
     rows = []
     for config in [Config(FULL)] + configs:
         q, r = quality[config.label], found.get(config.label, {})
-        rows.append({"model": Path(model_path).name, "method": config.method, "budget": config.budget or len(tokens),
-                     "fraction": round((config.budget or len(tokens)) / len(tokens), 4), "tokens": len(tokens),
-                     "kl": q["kl"], "top1": q["top1"], "ppl": q["ppl"], "ppl_full": quality[FULL]["ppl"],
-                     "recall": q["recall"], "compressions": q["compressions"],
+        if not generate:  # a text is no greedy trajectory: its first difference means nothing
+            q = {**q, "first_diff": None, "prompts_kept": None}
+        budget = config.budget or length
+        rows.append({"model": Path(model_path).name, "setting": f"generate {generate}" if generate else "text",
+                     "method": config.name, "budget": budget, "fraction": round(budget / length, 4),
+                     "sequences": len(sequences), "positions": len(np.concatenate(scored.position)),
+                     **q, "ppl_full": quality[FULL]["ppl"],
                      "passkey": r.get("passkey"), "own_output": r.get("own_output")})
     return rows

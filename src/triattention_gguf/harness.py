@@ -10,20 +10,42 @@ import numpy as np
 
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import Centers, load_centers
-from triattention_gguf.compression import check_arguments, configure, head_positions, physical_cells, stats
+from triattention_gguf.compression import (CompressionError, check_arguments, configure, head_positions, keep_prefix,
+                                          physical_cells, stats)
+from triattention_gguf.methods import DEFAULT_SELECT, SELECT_MODES
 from triattention_gguf.modelinfo import ModelFacts, model_context
 
 FULL = "none"
+KEEP_PROMPT = "+prompt"  # a method spec's suffix: the prompt is never evicted (generate eval)
 
 
 @dataclass(frozen=True)
 class Config:
     method: str
     budget: int = 0  # 0 for the full cache
+    select: str = DEFAULT_SELECT
+    keep_prompt: bool = False
+
+    @classmethod
+    def parse(cls, spec: str, budget: int = 0) -> "Config":
+        """A method spec: name[/select][+prompt], e.g. "tri", "tri/per-head", "snapkv+prompt"."""
+        name, keep = (spec[:-len(KEEP_PROMPT)], True) if spec.endswith(KEEP_PROMPT) else (spec, False)
+        method, _, select = name.partition("/")
+        if select and select not in SELECT_MODES:
+            raise CompressionError(f"unknown select mode {select!r} in {spec!r}; choose one of {', '.join(SELECT_MODES)}")
+        return cls(method, budget, select or DEFAULT_SELECT, keep)
+
+    @property
+    def name(self) -> str:
+        """The method spec without the budget."""
+        if self.method == FULL:
+            return FULL
+        select = "" if self.select == DEFAULT_SELECT else f"/{self.select}"
+        return f"{self.method}{select}{KEEP_PROMPT if self.keep_prompt else ''}"
 
     @property
     def label(self) -> str:
-        return self.method if self.method == FULL else f"{self.method}@{self.budget}"
+        return self.name if self.method == FULL else f"{self.name}@{self.budget}"
 
 
 def parse_budgets(specs: list[str], context: int) -> list[int]:
@@ -39,13 +61,15 @@ def parse_budgets(specs: list[str], context: int) -> list[int]:
 
 
 def configs_for(methods: list[str], budgets: list[int], divide_length: int) -> list[Config]:
+    """One Config per method spec (see Config.parse) and budget, the full cache left out."""
     out = []
-    for method in methods:
-        if method == FULL:
-            continue
+    for spec in methods:
         for budget in budgets:
-            check_arguments(method, budget, divide_length, "per-head")
-            out.append(Config(method, budget))
+            config = Config.parse(spec, budget)
+            if config.method == FULL:
+                break
+            check_arguments(config.method, budget, divide_length, config.select)
+            out.append(config)
     return out
 
 
@@ -64,7 +88,7 @@ class Runner:
         self.ctx = stack.enter_context(model_context(model, n_ctx=physical, n_threads=n_threads, n_ubatch=chunk,
                                                      **overrides))
         if compressing:
-            configure(self.ctx, config.method, config.budget, divide_length,
+            configure(self.ctx, config.method, config.budget, divide_length, config.select,
                       centers=centres if config.method == "tri" else None)
         self._batch = ll.llama_batch_init(chunk, 0, 1)
         stack.callback(ll.llama_batch_free, self._batch)
@@ -95,12 +119,15 @@ class Runner:
         for start in range(0, len(tokens), self.chunk):
             self.decode(tokens[start:start + self.chunk], logits=False)
 
-    def greedy(self, n: int) -> list[int]:
-        """n greedy tokens after what was decoded (the last decode's logits start it)."""
+    def greedy(self, n: int, stop=None) -> list[int]:
+        """n greedy tokens after what was decoded (the last decode's logits start it), ending
+        before the first token for which stop(token) is true."""
         logits = np.ctypeslib.as_array(ll.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
         out = []
         for _ in range(n):
             token = int(np.argmax(logits))
+            if stop is not None and stop(token):
+                break
             out.append(token)
             logits = self.decode([token], logits=False)
         return out
@@ -115,9 +142,18 @@ class Runner:
         info = lib.triattention_get_cache_info(self.ctx)
         return {**s, "kv_bytes": info.bytes + info.swa_bytes, "cells_capacity": info.cells_capacity}
 
-    def kept_positions(self) -> list[np.ndarray]:
-        """Per KV head, the positions that the compacted cells hold (empty before any compression)."""
-        return [h[h >= 0] for h in head_positions(self.ctx)]
+    def keep_prompt(self, n: int) -> bool:
+        """With a keep_prompt Config, never evict positions [0, n) when they fit in the budget
+        (whether they do is returned); else nothing is kept."""
+        fits = self.config.keep_prompt and n < self.config.budget
+        if self.config.method != FULL:
+            keep_prefix(self.ctx, n if fits else 0)
+        return fits
+
+    def kept_positions(self) -> list[list[np.ndarray]]:
+        """Per group (each compressed layer with per-layer-head selection, else one) and KV head,
+        the positions that the compacted cells hold (no groups before any compression)."""
+        return [[h[h >= 0] for h in group] for group in head_positions(self.ctx)]
 
 
 @contextlib.contextmanager

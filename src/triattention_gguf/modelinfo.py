@@ -152,12 +152,13 @@ def model_context(model, n_ctx: int, n_threads: int | None = None, n_ubatch: int
         ll.llama_free(ctx)
 
 
-def tokenize(model, text: str) -> list[int]:
-    """Tokens of text for a loaded llama_model* (no BOS, special tokens as plain text)."""
+def tokenize(model, text: str, special: bool = False) -> list[int]:
+    """Tokens of text for a loaded llama_model* (no BOS added), special tokens as plain text unless
+    `special` (a chat template's output, which writes the special tokens it needs)."""
     data = text.encode("utf-8")
     n_max = len(data) + 16
     buf = (ll.llama_token * n_max)()
-    n = ll.llama_tokenize(ll.llama_model_get_vocab(model), data, len(data), buf, n_max, False, False)
+    n = ll.llama_tokenize(ll.llama_model_get_vocab(model), data, len(data), buf, n_max, False, special)
     if n < 0:
         raise ModelFileError(f"tokenization failed ({n})")
     return list(buf[:n])
