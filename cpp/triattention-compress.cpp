@@ -66,7 +66,7 @@ state & state_of(const llama_context * ctx) {
 const char * SELECT_NAMES[] = { "per-head", "shared", "per-layer-head" };
 
 // Compresses sequence 0 to the budget when it holds more cells, or repairs a cut inside the
-// compacted history (cut_inside): the sequence continues at `next`, and every row keeps the same
+// compacted history (truncation_at): the sequence continues at `next`, and every row keeps the same
 // number of its tokens before the cut (the fewest any row holds, at most the budget), chosen by
 // the scorer like any compression. A cell's position only masks, so when no cell is left at
 // next - 1 the newest one stands in for it: llama.cpp then sees a contiguous sequence.
@@ -84,11 +84,7 @@ int32_t compress_now(llama_context * ctx, state & st, llama_pos next) {
     }
     const auto start = std::chrono::steady_clock::now();
     llama_synchronize(ctx);
-    const int32_t n_groups = st.n_groups(kv);
-    if (st.records.n_cells() > 0 && st.records.n_groups > n_groups) {
-        return triattention_fail("the cache holds per-layer-head compaction records; select mode " +
-                                 std::string(SELECT_NAMES[st.params.select]) + " cannot continue them");
-    }
+    const int32_t n_groups = st.n_groups(kv);  // set_params and records_set keep per-layer records per-layer
 
     const triattention_candidates c = triattention_gather(st.records, cells, n_head_kv, n_groups, cut ? next : -1);
     const int32_t budget = cut ? std::min(st.params.budget, c.min_row_tokens()) : st.params.budget;

@@ -51,7 +51,7 @@ struct triattention_candidates {
 };
 
 // Candidates in n_groups groups (1, or the compressed layers when rec has one group per layer).
-// before < 0: the used cells. Else after a cut inside the compacted history (cut_inside): the cells
+// before < 0: the used cells. Else after a cut inside the compacted history (truncation_at): the cells
 // the cut freed count too, with the rows recorded in them, and only tokens before `before`.
 triattention_candidates triattention_gather(const triattention_records & rec, const llama_kv_cells & cells,
                                             int32_t n_head_kv, int32_t n_groups, llama_pos before);

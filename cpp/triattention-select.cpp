@@ -61,7 +61,8 @@ std::vector<int32_t> triattention_select(int32_t select, const triattention_scor
             sr[i] = with_bonus(sr[i], p < 0 ? EVICTED : stays ? KEEP : 0.0f);
         }
         std::iota(order.begin(), order.end(), 0);
-        std::partial_sort(order.begin(), order.begin() + budget, order.end(), [&](int32_t a, int32_t b) {
+        // the kept set, in no particular order (compaction does not need one): linear per row
+        std::nth_element(order.begin(), order.begin() + (budget - 1), order.end(), [&](int32_t a, int32_t b) {
             return sr[a] != sr[b] ? sr[a] > sr[b] : pos[a] > pos[b];
         });
         std::copy(order.begin(), order.begin() + budget, kept.begin() + r * budget);

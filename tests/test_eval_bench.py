@@ -37,6 +37,48 @@ def test_eval_compares_every_method_with_the_full_cache(centred, tmp_path, capsy
     assert by["random"]["kl"] > by["tri"]["kl"]
 
 
+def test_generate_eval_scores_the_full_caches_own_continuations(centred, tmp_path):
+    out = tmp_path / "gen"
+    assert main(["eval", centred, "--generate", "96", "--tasks", "2", "--budgets", "80", "--divide-length", "32", "--methods",
+                 "none,tri,tri/per-head,streaming", "--threads", "2", "--quiet", "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
+    assert set(rows) == {"none", "tri", "tri/per-head", "streaming", "tri+prompt", "tri/per-head+prompt",
+                         "streaming+prompt"}
+    for name, row in rows.items():
+        assert row["setting"] == "generate 96" and row["sequences"] == 2 and 0 <= row["first_diff"] <= 96
+        if name != "none":
+            assert row["budget"] == 80 and row["compressions"] > 0 and row["kl_compressed"] > 0
+            assert row["prompts_kept"] == (2 if name.endswith("+prompt") else 0)  # 79 and 63 tokens
+    for name in ("tri", "tri/per-head"):  # paired against the best (here: only) baseline
+        row = rows[name]
+        assert row["vs"] == "streaming" and row["d_lo"] <= row["d_kl"] <= row["d_hi"]
+        assert row["d_kl"] == pytest.approx(row["kl_compressed"] - rows["streaming"]["kl_compressed"])
+    assert rows["tri+prompt"]["vs"] == "streaming+prompt"
+
+
+@pytest.mark.parametrize("template,message", [
+    ("", "the model has no chat template; --generate needs one"),
+    ("{{ messages }} in a dialect nobody speaks", "llama.cpp does not know the model's chat template"),
+])
+def test_generate_needs_a_chat_template_llama_cpp_knows(template, message, centred, tmp_path, capsys):
+    import gguf
+    from conftest import rewritten_copy
+
+    path = tmp_path / "template.gguf"
+    rewritten_copy(centred, path, {"tokenizer.chat_template": (template, gguf.GGUFValueType.STRING, None)})
+    assert main(["eval", str(path), "--generate", "16", "--tasks", "1", "--quiet", "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_windows_are_pooled(centred, tmp_path):
+    out = tmp_path / "windows"
+    assert main(["eval", centred, "--tokens", "320", "--windows", "2", "--budgets", "96", "--methods",
+                 "none,tri/shared", "--retrieval-trials", "0", "--threads", "2", "--quiet", "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
+    assert rows["tri/shared"]["sequences"] == 2 and rows["tri/shared"]["positions"] == 2 * 319
+    assert rows["tri/shared"]["recall"] is not None and "vs" not in rows["tri/shared"]  # no baseline to pair with
+
+
 def test_bench_measures_every_method_next_to_the_full_cache(centred, tmp_path):
     out = tmp_path / "bench"
     assert main(["bench", centred, "--lengths", "768", "--budgets", "128", "--rounds", "2", "--decode-tokens", "8",
@@ -63,6 +105,8 @@ def test_bad_arguments_are_usage_errors(centred, tmp_path, capsys):
     assert "comma-separated numbers" in capsys.readouterr().err
     assert main(["eval", centred, "--methods", "none,snap", "--out", str(tmp_path)]) == 2
     assert "unknown kv_compress 'snap'" in capsys.readouterr().err
+    assert main(["eval", centred, "--methods", "tri/per-layer", "--out", str(tmp_path)]) == 2
+    assert "unknown select mode 'per-layer' in 'tri/per-layer'" in capsys.readouterr().err
 
 
 def test_each_sequence_is_read_as_by_a_fresh_context(centred):

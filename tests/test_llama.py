@@ -192,6 +192,25 @@ def test_state_round_trip_continues_identically(centred):
     assert a == b
 
 
+def test_a_kept_prompt_stays_and_a_long_one_is_compressed_with_a_warning(centred, caplog):
+    from triattention_gguf.compression import head_positions
+
+    llm = Llama(centred, kv_compress="tri", kv_budget=64, kv_divide_length=32, kv_keep_prompt=True, **SMALL)
+    prompt = llm.tokenize(PROMPT.encode())
+    assert len(prompt) < 64
+    list(_take(llm.generate(prompt, temp=0.0), 200))
+    assert llm.kv_stats()["compressions"] >= 4
+    rows = head_positions(llm._ctx.ctx).reshape(-1, 64)
+    assert all(set(range(len(prompt))) <= set(row) for row in rows)  # every layer's every head
+    long_prompt = llm.tokenize((PROMPT * 8).encode())
+    assert len(long_prompt) >= 64
+    with caplog.at_level("WARNING", logger="triattention_gguf.llama"):
+        list(_take(llm.generate(long_prompt, temp=0.0), 8))
+    assert f"the prompt has {len(long_prompt)} tokens, more than kv_budget 64" in caplog.text
+    rows = head_positions(llm._ctx.ctx).reshape(-1, 64)
+    assert not all(set(range(len(prompt))) <= set(row) for row in rows)  # compressed like the rest
+
+
 @pytest.fixture(scope="module")
 def qwen_centred(qwen_path, tmp_path_factory):
     return centred_copy(qwen_path, tmp_path_factory.mktemp("qwen") / "qwen.gguf", 256)
@@ -252,3 +271,39 @@ def test_a_cut_older_than_the_window_is_read_again(gemma3_path):
     again = list(_take(llm.generate(far, temp=0.0), 8))
     assert llm.prompt_reuse()["reused"] == 0
     assert again == list(_take(Llama(gemma3_path, **kw).generate(far, temp=0.0), 8))
+
+
+def test_a_state_file_resumes_in_another_instance(centred, tmp_path):
+    from triattention_gguf.state_file import StateFileError
+
+    kw = dict(kv_compress="tri", kv_budget=64, kv_divide_length=32, **SMALL)
+    llm = Llama(centred, **kw)
+    greedy(llm, n=150)
+    assert llm.kv_stats()["compressions"] > 0
+    path = tmp_path / "conversation.state"
+    llm.save_state_file(path)
+    history = list(llm._input_ids)
+    expected = list(_take(llm.generate(history, temp=0.0), 60))
+
+    other = Llama(centred, **kw)
+    other.load_state_file(path)
+    assert list(_take(other.generate(history, temp=0.0), 60)) == expected
+    assert other.prompt_reuse()["reused"] == len(history) - 1  # only the last token again, for its logits
+
+    with pytest.raises(StateFileError, match="saved with kv_budget = 64; this Llama has 96"):
+        Llama(centred, **{**kw, "kv_budget": 96}).load_state_file(path)
+    data = path.read_bytes()
+    (tmp_path / "cut.state").write_bytes(data[:-100])
+    flipped = bytearray(data)
+    flipped[-5000] ^= 0xFF
+    (tmp_path / "flipped.state").write_bytes(bytes(flipped))
+    for name in ("cut.state", "flipped.state"):
+        with pytest.raises(StateFileError, match="truncated or corrupt"):
+            other.load_state_file(tmp_path / name)
+    (tmp_path / "text.state").write_text("hello")
+    with pytest.raises(StateFileError, match="not a triattention-gguf state file"):
+        other.load_state_file(tmp_path / "text.state")
+    with pytest.raises(FileNotFoundError):
+        llm.save_state_file(tmp_path / "missing-dir" / "x.state")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conversation.state", "cut.state", "flipped.state",
+                                                          "text.state"]  # no temporary left behind

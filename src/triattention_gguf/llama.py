@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
+import os
 from typing import Sequence
 
 import llama_cpp
@@ -13,8 +15,9 @@ from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import load_centers
 from triattention_gguf.compression import (CompressionError, check_arguments, configure, keep_prefix, physical_cells,
                                           prompt_ubatch, stats)
+from triattention_gguf import state_file
 from triattention_gguf.methods import DEFAULT_SELECT
-from triattention_gguf.modelinfo import open_gguf, read_facts
+from triattention_gguf.modelinfo import fingerprint, open_gguf, read_facts
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +55,15 @@ class Llama(llama_cpp.Llama):
         open_gguf(model_path)  # llama.cpp's loader trusts the header: a malformed one can crash or hang it
         self.kv_compress = kv_compress
         self._kv_budget, self._kv_divide_length = kv_budget, kv_divide_length
-        self._kv_keep_prompt = kv_keep_prompt
+        self._kv_keep_prompt, self._kv_select = kv_keep_prompt, kv_select
         centres = None
         logical_n_ctx = kwargs.get("n_ctx", 512)
         if kv_compress != "none":
             facts = read_facts(model_path)
             centres = load_centers(facts) if kv_compress == "tri" else None
+            if centres is not None:
+                self._centres_sha256 = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in (
+                    centres.q_mean, centres.q_abs_mean))).hexdigest()
             logical_n_ctx = logical_n_ctx or facts.n_ctx_train
             n_ubatch = kwargs.setdefault("n_ubatch", prompt_ubatch(kv_budget, kv_divide_length))
             kwargs["n_ctx"] = physical_cells(kv_budget, kv_divide_length, n_ubatch, facts.n_swa)
@@ -132,8 +138,8 @@ class Llama(llama_cpp.Llama):
         (the fewest any head holds; the next decode compacts them): served when reading that prefix
         afresh would have compressed it too (cut > budget + divide_length) and every head keeps at
         least half the budget, refilled by the tokens that follow; otherwise the prompt is read
-        again. With per-layer-head selection 30 layers x 3 heads each keep the newest tokens in
-        other cells, so a cut into the last answer leaves fewer than budget - divide_length."""
+        again. (Under per-layer-head selection every layer's heads keep the newest tokens in cells
+        of their own, so a cut into the last answer leaves fewer than budget - divide_length.)"""
         if not self._window_holds(cut):
             return False
         if stats(self._ctx.ctx)["compressed_upto"] < cut:
@@ -164,6 +170,27 @@ class Llama(llama_cpp.Llama):
         records = getattr(state, "triattention_records", None)
         if records is not None and lib.triattention_records_set(self._ctx.ctx, records, len(records)) != 0:
             raise CompressionError(f"load_state: {lib.triattention_last_error().decode()}")
+
+    def _state_identity(self) -> dict:
+        """What a saved state must match to be restored here."""
+        return {"model": fingerprint(open_gguf(self.model_path)), "kv_compress": self.kv_compress,
+                "kv_budget": self._kv_budget, "kv_divide_length": self._kv_divide_length,
+                "kv_select": self._kv_select, "centres": getattr(self, "_centres_sha256", None),
+                "cells": ll.llama_n_ctx(self._ctx.ctx)}
+
+    def save_state_file(self, path: str | os.PathLike) -> None:
+        """Save the conversation held now (compressed cache, tokens, last logits) to path,
+        atomically, for load_state_file in this or another process."""
+        state = self.save_state()
+        state_file.write(path, state, state.triattention_records, self._state_identity())
+
+    def load_state_file(self, path: str | os.PathLike) -> None:
+        """Restore a conversation saved by save_state_file from the same model file with the same
+        compression settings (StateFileError otherwise, or when the file is damaged); the next
+        generate() whose prompt extends it reads only the new tokens."""
+        state, records = state_file.read(path, self._state_identity(), self.n_ctx())
+        state.triattention_records = records
+        self.load_state(state)
 
     def kv_stats(self) -> dict:
         """Cache use: cells_used / cells_capacity (physical), logical_pos (tokens in the

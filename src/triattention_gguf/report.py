@@ -49,7 +49,8 @@ def plot_lines(path: str | os.PathLike, rows: list[dict], x: str, panels: list[t
             ax.set_xlabel(x)
             ax.set_title(f"{model}: {title}", fontsize=9)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:  # a metric this run did not measure draws no line
+                ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,6 +1,6 @@
 """TriAttention's key scores (algorithm.md §4) computed from Python: the reference and
 diagnostic path beside the engine, which builds the same virtual queries in C++
-(cpp/triattention-compress.cpp) at every compression.
+(cpp/triattention-scorer-tri.cpp) at every compression.
 
 The trigonometric term needs no inverse RoPE: for a cached (rotated) key k'
 at position p, S_trig = Re sum_f conj(k'_f) V_f with
