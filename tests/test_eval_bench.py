@@ -54,6 +54,10 @@ def test_generate_eval_scores_the_full_caches_own_continuations(centred, tmp_pat
         assert row["vs"] == "streaming" and row["d_lo"] <= row["d_kl"] <= row["d_hi"]
         assert row["d_kl"] == pytest.approx(row["kl_compressed"] - rows["streaming"]["kl_compressed"])
     assert rows["tri+prompt"]["vs"] == "streaming+prompt"
+    per_head = rows["tri/per-head"]  # select modes paired too
+    assert per_head["vs_select"] == "tri" and per_head["ds_lo"] <= per_head["ds_kl"] <= per_head["ds_hi"]
+    assert per_head["ds_kl"] == pytest.approx(per_head["kl_compressed"] - rows["tri"]["kl_compressed"])
+    assert "vs_select" not in rows["tri"]
 
 
 @pytest.mark.parametrize("template,message", [

@@ -163,6 +163,7 @@ def _report(args: argparse.Namespace, name: str, rows: list[dict], columns: list
 
 
 EVAL_COLUMNS = ["model", "setting", "method", "budget", "fraction", "kl", "kl_compressed", "vs", "d_kl", "d_lo", "d_hi",
+                "vs_select", "ds_kl", "ds_lo", "ds_hi",
                 "kl_far", "kl_near", "far_share", "top1", "top1_compressed", "first_diff", "ppl", "ppl_full", "recall",
                 "passkey", "own_output", "compressions", "prompts_kept"]
 

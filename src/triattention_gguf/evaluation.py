@@ -32,6 +32,7 @@ from triattention_gguf._lib import llama_cpp_bindings as ll
 from triattention_gguf.calibrate import default_text, last_queries, query_capture
 from triattention_gguf.compression import cache_rows, compressed_layers
 from triattention_gguf.harness import FULL, KEEP_PROMPT, Config, Runner, configs_for, parse_budgets, runners
+from triattention_gguf.methods import DEFAULT_SELECT
 from triattention_gguf.modelinfo import ModelFacts, detokenize, model_with_facts, tokenize
 from triattention_gguf.paired import block_bootstrap_ci, block_ids, far_copies
 
@@ -184,8 +185,9 @@ def _mean(values: np.ndarray) -> float | None:
 
 def summarize(traces: dict[str, Trace], scored: Scored, configs: list[Config], block: int) -> dict[str, dict]:
     """Per config label: means over every scored position and over those after the first
-    compression, KL split by far copies, and against the best baseline at its budget the paired
-    mean difference of KL after the first compression with its 95% block-bootstrap interval."""
+    compression, KL split by far copies, and against the best baseline at its budget (and, for
+    another select mode, against the same method in the default one) the paired mean difference of
+    KL after the first compression with its 95% block-bootstrap interval."""
     segments, positions = np.concatenate(scored.segment), np.concatenate(scored.position)
     blocks = block_ids(segments, positions, block)
 
@@ -194,6 +196,12 @@ def summarize(traces: dict[str, Trace], scored: Scored, configs: list[Config], b
 
     def after(label: str) -> np.ndarray:
         return traces[label].array("compressed").astype(bool)
+
+    def paired(label: str, other: str) -> tuple[float, float, float]:
+        """KL of label minus other's, over positions after both compressed: mean, 95% interval."""
+        both = after(label) & after(other)
+        diff = traces[label].array("kl")[both] - traces[other].array("kl")[both]
+        return block_bootstrap_ci(diff, np.unique(blocks[both], return_inverse=True)[1])
 
     out = {}
     for config in [Config(FULL)] + configs:
@@ -213,10 +221,12 @@ def summarize(traces: dict[str, Trace], scored: Scored, configs: list[Config], b
                       and c.keep_prompt == config.keep_prompt and c != config]
             if rivals:
                 best = min(rivals, key=lambda c: _mean(traces[c.label].array("kl")[after(c.label)]) or 0.0)
-                both = compressed & after(best.label)
-                diff = kl[both] - traces[best.label].array("kl")[both]
-                d, lo, hi = block_bootstrap_ci(diff, np.unique(blocks[both], return_inverse=True)[1])
+                d, lo, hi = paired(config.label, best.label)
                 row.update(vs=best.name, d_kl=d, d_lo=lo, d_hi=hi)
+            default = Config(config.method, config.budget, DEFAULT_SELECT, config.keep_prompt)
+            if config.select != DEFAULT_SELECT and default.label in traces:  # select modes side by side
+                d, lo, hi = paired(config.label, default.label)
+                row.update(vs_select=default.name, ds_kl=d, ds_lo=lo, ds_hi=hi)
         out[config.label] = row
     return out
 
