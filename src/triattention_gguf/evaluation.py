@@ -140,13 +140,9 @@ def _read(group: list[Runner], tokens: list[int], score_from: int, chunk: int, t
                 nll=-lp[np.arange(len(lp)), targets[lo:]],
                 compressed=np.full(len(lp), runner.stats()["compressions"] > before[runner.config.label]))
         if index in recall_at and start > 0:
+            traces[full.config.label].add(recall=[1.0])  # it holds every key
             for runner, share in zip(others, _recall(full, calib, facts, start, len(piece), others)):
                 traces[runner.config.label].add(recall=[share])
-
-
-@contextlib.contextmanager
-def _no_capture():
-    yield None, {}
 
 
 def fidelity(model, facts: ModelFacts, sequences: list[tuple[list[int], int]], configs: list[Config],
@@ -158,8 +154,8 @@ def fidelity(model, facts: ModelFacts, sequences: list[tuple[list[int], int]], c
     n_ctx = max(len(tokens) for tokens, _ in sequences)
     traces = {FULL: Trace(), **{c.label: Trace() for c in configs}}
     scored = Scored()
-    capture = query_capture(model, keep_last=True) if recall_checkpoints else None
-    with (capture if capture is not None else _no_capture()) as (calib, feed), \
+    capture = query_capture(model, keep_last=True) if recall_checkpoints else contextlib.nullcontext((None, {}))
+    with capture as (calib, feed), \
             runners(model, facts, configs, n_ctx, divide_length, chunk, n_threads, **feed) as group:
         for segment, (tokens, n_prompt) in enumerate(tqdm(sequences, desc=f"eval {len(configs)} configs",
                                                            unit="sequence", disable=not progress)):
