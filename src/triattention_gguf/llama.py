@@ -11,11 +11,11 @@ import llama_cpp
 import numpy as np
 from llama_cpp._logger import set_verbose
 
+from triattention_gguf import state_file
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import load_centers
 from triattention_gguf.compression import (CompressionError, check_arguments, configure, keep_prefix, physical_cells,
                                           prompt_ubatch, stats)
-from triattention_gguf import state_file
 from triattention_gguf.methods import DEFAULT_SELECT
 from triattention_gguf.modelinfo import fingerprint, open_gguf, read_facts
 
