@@ -67,6 +67,14 @@ def keep_prefix(ctx, n: int) -> None:
     _check(lib.triattention_set_keep_prefix(ctx, n), "kept prefix")
 
 
+def keep_prompt(ctx, n: int, budget: int) -> bool:
+    """Never evict a prompt of n tokens when it fits (one cell of the budget stays for the newest
+    token), else keep nothing; whether it fits."""
+    fits = n < budget
+    keep_prefix(ctx, n if fits else 0)
+    return fits
+
+
 def compress(ctx) -> None:
     _check(lib.triattention_compress(ctx), "compression")
 

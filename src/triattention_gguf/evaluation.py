@@ -179,6 +179,12 @@ def _mean(values: np.ndarray) -> float | None:
     return float(values.mean()) if values.size else None
 
 
+def _kl_after(trace: Trace, compressed: np.ndarray) -> float:
+    """Mean KL after the first compression; infinite for a config that never compressed (never the best)."""
+    kl = _mean(trace.array("kl")[compressed])
+    return float("inf") if kl is None else kl
+
+
 def summarize(traces: dict[str, Trace], scored: Scored, configs: list[Config], block: int) -> dict[str, dict]:
     """Per config label: means over every scored position and over those after the first
     compression, KL split by far copies, and against the best baseline at its budget (and, for
@@ -187,8 +193,13 @@ def summarize(traces: dict[str, Trace], scored: Scored, configs: list[Config], b
     segments, positions = np.concatenate(scored.segment), np.concatenate(scored.position)
     blocks = block_ids(segments, positions, block)
 
+    far_masks: dict[int, np.ndarray] = {}  # per budget: every config at one budget shares it
+
     def far_mask(budget: int) -> np.ndarray:
-        return np.concatenate([far_copies(tokens, budget)[start:] for tokens, start in zip(scored.tokens, scored.start)])
+        if budget not in far_masks:
+            far_masks[budget] = np.concatenate([far_copies(tokens, budget)[start:]
+                                                for tokens, start in zip(scored.tokens, scored.start)])
+        return far_masks[budget]
 
     def after(label: str) -> np.ndarray:
         return traces[label].array("compressed").astype(bool)
@@ -216,7 +227,7 @@ def summarize(traces: dict[str, Trace], scored: Scored, configs: list[Config], b
             rivals = [c for c in configs if c.method in BASELINES and c.budget == config.budget
                       and c.keep_prompt == config.keep_prompt and c != config]
             if rivals:
-                best = min(rivals, key=lambda c: _mean(traces[c.label].array("kl")[after(c.label)]) or 0.0)
+                best = min(rivals, key=lambda c: _kl_after(traces[c.label], after(c.label)))
                 d, lo, hi = paired(config.label, best.label)
                 row.update(vs=best.name, d_kl=d, d_lo=lo, d_hi=hi)
             default = Config(config.method, config.budget, DEFAULT_SELECT, config.keep_prompt)

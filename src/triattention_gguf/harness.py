@@ -10,7 +10,7 @@ import numpy as np
 
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import Centers, load_centers
-from triattention_gguf.compression import (CompressionError, check_arguments, configure, head_positions, keep_prefix,
+from triattention_gguf.compression import (CompressionError, check_arguments, configure, head_positions, keep_prompt,
                                           physical_cells, stats)
 from triattention_gguf.methods import DEFAULT_SELECT, SELECT_MODES
 from triattention_gguf.modelinfo import ModelFacts, model_context
@@ -145,10 +145,7 @@ class Runner:
     def keep_prompt(self, n: int) -> bool:
         """With a keep_prompt Config, never evict positions [0, n) when they fit in the budget
         (whether they do is returned); else nothing is kept."""
-        fits = self.config.keep_prompt and n < self.config.budget
-        if self.config.method != FULL:
-            keep_prefix(self.ctx, n if fits else 0)
-        return fits
+        return self.config.keep_prompt and keep_prompt(self.ctx, n, self.config.budget)
 
     def kept_positions(self) -> list[list[np.ndarray]]:
         """Per group (each compressed layer with per-layer-head selection, else one) and KV head,

@@ -14,7 +14,7 @@ from llama_cpp._logger import set_verbose
 from triattention_gguf import state_file
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import load_centers
-from triattention_gguf.compression import (CompressionError, check_arguments, configure, keep_prefix, physical_cells,
+from triattention_gguf.compression import (CompressionError, check_arguments, configure, keep_prompt, physical_cells,
                                           prompt_ubatch, stats)
 from triattention_gguf.methods import DEFAULT_SELECT
 from triattention_gguf.modelinfo import fingerprint, open_gguf, read_facts
@@ -104,16 +104,11 @@ class Llama(llama_cpp.Llama):
             if not exact_hit and not self._cut_is_served(min(prefix, len(tokens) - 1)):
                 self.n_tokens = 0
                 ll.llama_memory_clear(ll.llama_get_memory(self._ctx.ctx), True)
-        if self._kv_keep_prompt and self.kv_compress != "none":
-            self._keep_prompt(len(tokens))
-        return super().generate(tokens, *args, reset=reset, **kwargs)
-
-    def _keep_prompt(self, n: int) -> None:
-        fits = n < self._kv_budget  # one cell of the budget stays for the newest token
-        if not fits:
+        if self._kv_keep_prompt and self.kv_compress != "none" and not keep_prompt(self._ctx.ctx, len(tokens),
+                                                                                      self._kv_budget):
             log.warning("kv_keep_prompt: the prompt has %d tokens, more than kv_budget %d holds with the newest "
-                        "token; it is compressed like the generated tokens", n, self._kv_budget)
-        keep_prefix(self._ctx.ctx, n if fits else 0)
+                        "token; it is compressed like the generated tokens", len(tokens), self._kv_budget)
+        return super().generate(tokens, *args, reset=reset, **kwargs)
 
     def eval(self, tokens: Sequence[int]) -> None:
         record = getattr(self, "last_prompt", None)
