@@ -65,6 +65,23 @@ state & state_of(const llama_context * ctx) {
 
 const char * SELECT_NAMES[] = { "per-head", "shared", "per-layer-head" };
 
+// a kept prefix of n tokens leaves room in the budget for the kept recent ones, the newest at least
+bool prefix_fits(llama_pos n, const triattention_params & params) {
+    return (int64_t) n + std::max(params.keep_recent, 1) <= params.budget;
+}
+
+std::string prefix_misfit(llama_pos n, const triattention_params & params) {
+    return "a kept prefix of " + std::to_string(n) + " tokens does not fit in budget " + std::to_string(params.budget) +
+           " beside the " + std::to_string(std::max(params.keep_recent, 1)) + " newest tokens kept";
+}
+
+// Positions from here on stay: the newest keep_recent, and whatever the scorer keeps whole (snapkv's window).
+llama_pos kept_from(const state & st, const triattention_candidates & c) {
+    const llama_pos scorer = st.scorer->keep_from(c);
+    const llama_pos recent = st.params.keep_recent > 0 ? c.newest + 1 - st.params.keep_recent : -1;
+    return scorer < 0 ? recent : recent < 0 ? scorer : std::min(scorer, recent);
+}
+
 // Compresses sequence 0 to the budget when it holds more cells, or repairs a cut inside the
 // compacted history (truncation_at): the sequence continues at `next`, and every row keeps the same
 // number of its tokens before the cut (the fewest any row holds, at most the budget), chosen by
@@ -102,7 +119,7 @@ int32_t compress_now(llama_context * ctx, state & st, llama_pos next) {
         return -1;
     }
     const std::vector<int32_t> kept = triattention_select(st.params.select, scores, c,
-                                                          { st.keep_prefix, st.scorer->keep_from(c) }, budget);
+                                                          { st.keep_prefix, kept_from(st, c) }, budget);
     const triattention_moves moves = triattention_fill_holes(kept, (int64_t) n_groups * n_head_kv, budget);
     if (!triattention_compact(ctx, kv, moves, n_groups)) {
         return -1;
@@ -213,7 +230,7 @@ ggml_context_ptr triattention_graph_context(size_t n_nodes) {
 }
 
 triattention_params triattention_default_params(void) {
-    return { TRIATTENTION_METHOD_NONE, 2048, 128, TRIATTENTION_SELECT_PER_LAYER_HEAD, 0 };
+    return { TRIATTENTION_METHOD_NONE, 2048, 128, TRIATTENTION_SELECT_PER_LAYER_HEAD, 0, 0 };
 }
 
 int32_t triattention_set_params(llama_context * ctx, triattention_params params) {
@@ -268,9 +285,12 @@ int32_t triattention_set_params(llama_context * ctx, triattention_params params)
         return triattention_fail("the cache holds per-layer-head compaction records: clear it before choosing "
                                  "select mode " + std::string(SELECT_NAMES[params.select]));
     }
-    if (params.method != TRIATTENTION_METHOD_NONE && st.keep_prefix >= params.budget) {
-        return triattention_fail("the kept prefix of " + std::to_string(st.keep_prefix) +
-                                 " tokens does not fit in budget " + std::to_string(params.budget));
+    if (params.keep_recent < 0 || params.keep_recent > params.budget) {
+        return triattention_fail("keep_recent " + std::to_string(params.keep_recent) + " must be in [0, budget " +
+                                 std::to_string(params.budget) + "]");
+    }
+    if (params.method != TRIATTENTION_METHOD_NONE && !prefix_fits(st.keep_prefix, params)) {
+        return triattention_fail(prefix_misfit(st.keep_prefix, params));
     }
     if (st.scorer) {
         st.scorer->release(ctx);
@@ -299,9 +319,8 @@ int32_t triattention_set_centers(llama_context * ctx, const float * q_mean_real,
 int32_t triattention_set_keep_prefix(llama_context * ctx, llama_pos n) {
     triattention_clear_error();
     state & st = state_of(ctx);
-    if (n < 0 || (st.params.method != TRIATTENTION_METHOD_NONE && n >= st.params.budget)) {
-        return triattention_fail("a kept prefix of " + std::to_string(n) + " tokens does not fit in budget " +
-                                 std::to_string(st.params.budget) + " (it must leave a cell for the newest token)");
+    if (n < 0 || (st.params.method != TRIATTENTION_METHOD_NONE && !prefix_fits(n, st.params))) {
+        return triattention_fail(prefix_misfit(n, st.params));
     }
     st.keep_prefix = n;
     return 0;

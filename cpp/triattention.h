@@ -10,7 +10,7 @@ extern "C" {
 #endif
 
 // Version of this C API; bumped when a declaration here changes.
-#define TRIATTENTION_API_VERSION 3
+#define TRIATTENTION_API_VERSION 4
 
 LLAMA_API int32_t triattention_api_version(void);
 
@@ -103,6 +103,7 @@ struct triattention_params {
     int32_t  divide_length;  // compress when budget + divide_length cells are reached
     int32_t  select;         // enum triattention_select
     uint32_t seed;           // for TRIATTENTION_METHOD_RANDOM
+    int32_t  keep_recent;    // the newest keep_recent tokens are never evicted (0: the method alone decides)
 };
 
 struct triattention_stats {
@@ -152,7 +153,7 @@ LLAMA_API int32_t triattention_compress(struct llama_context * ctx);
 LLAMA_API struct triattention_stats triattention_get_stats(const struct llama_context * ctx);
 
 // Positions [0, n) are never evicted (a prompt kept whole, as the reference does); 0 for none.
-// n must leave a cell of the budget for the newest token. Returns 0 or -1.
+// n and the kept recent tokens (at least the newest one) must fit in the budget. Returns 0 or -1.
 LLAMA_API int32_t triattention_set_keep_prefix(struct llama_context * ctx, llama_pos n);
 
 // The cells that the last compression kept, [group][n_head_kv][budget] as cell indices before it,

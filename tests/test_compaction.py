@@ -499,5 +499,24 @@ def test_a_kept_prefix_is_never_evicted(smollm2_path, smollm2_centres):
         assert stats(ctx)["compressions"] >= 4
         held = head_positions(ctx)
         assert all(set(range(40)) <= set(row) for row in held.reshape(-1, held.shape[-1]))
-        with pytest.raises(CompressionError, match="kept prefix of 40 tokens does not fit in budget 32"):
+        with pytest.raises(CompressionError, match="kept prefix of 40 tokens does not fit in budget 32 beside the 1 "):
             configure(ctx, "tri", 32, DIVIDE, centers=smollm2_centres)
+        with pytest.raises(CompressionError, match="kept prefix of 40 tokens does not fit in budget 64 beside the 32 "):
+            configure(ctx, "tri", BUDGET, DIVIDE, centers=smollm2_centres, keep_recent=32)
+
+
+@pytest.mark.parametrize("select", ["per-layer-head", "per-head"])
+def test_the_kept_recent_tokens_are_never_evicted_and_the_rest_goes_by_score(smollm2_path, smollm2_centres, select):
+    recent = 16
+    with loaded_model(smollm2_path) as model, open_ctx(model, False) as ctx:
+        with pytest.raises(CompressionError, match="kv_keep_recent must be between 0 and kv_budget 64"):
+            configure(ctx, "tri", BUDGET, DIVIDE, select, centers=smollm2_centres, keep_recent=BUDGET + 1)
+        tokens = tokenize(model, default_text()[:8000])[:N_PROMPT + 3 * DIVIDE]
+        configure(ctx, "tri", BUDGET, DIVIDE, select, centers=smollm2_centres, keep_recent=recent)
+        decode(ctx, tokens)
+        assert stats(ctx)["compressions"] >= 3
+        held = head_positions(ctx).reshape(-1, BUDGET)
+        newest = stats(ctx)["compressed_upto"]
+        assert all(set(range(newest - recent + 1, newest + 1)) <= set(row) for row in held)
+        # scores chose the rest: the rows differ among themselves and hold older tokens than the window
+        assert len({tuple(sorted(row)) for row in held}) > 1 and held.min() < newest - BUDGET

@@ -77,10 +77,13 @@ def test_generate_needs_a_chat_template_llama_cpp_knows(template, message, centr
 def test_windows_are_pooled(centred, tmp_path):
     out = tmp_path / "windows"
     assert main(["eval", centred, "--tokens", "320", "--windows", "2", "--budgets", "96", "--methods",
-                 "none,tri/shared", "--retrieval-trials", "0", "--threads", "2", "--quiet", "--out", str(out)]) == 0
+                 "none,tri/shared,tri/shared+recent", "--retrieval-trials", "0", "--threads", "2", "--quiet", "--out",
+                 str(out)]) == 0
     rows = {r["method"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
     assert rows["tri/shared"]["sequences"] == 2 and rows["tri/shared"]["positions"] == 2 * 319
     assert rows["tri/shared"]["recall"] is not None and "vs" not in rows["tri/shared"]  # no baseline to pair with
+    # the newest quarter of the budget kept outright: a different kept set, so different measures
+    assert rows["tri/shared+recent"]["compressions"] > 0 and rows["tri/shared+recent"]["kl"] != rows["tri/shared"]["kl"]
 
 
 def test_bench_measures_every_method_next_to_the_full_cache(centred, tmp_path):
@@ -111,6 +114,8 @@ def test_bad_arguments_are_usage_errors(centred, tmp_path, capsys):
     assert "unknown kv_compress 'snap'" in capsys.readouterr().err
     assert main(["eval", centred, "--methods", "tri/per-layer", "--out", str(tmp_path)]) == 2
     assert "unknown select mode 'per-layer' in 'tri/per-layer'" in capsys.readouterr().err
+    assert main(["eval", centred, "--methods", "tri+recnt", "--out", str(tmp_path)]) == 2
+    assert "unknown suffix +recnt in 'tri+recnt'; use +recent and/or +prompt" in capsys.readouterr().err
 
 
 def test_each_sequence_is_read_as_by_a_fresh_context(centred):

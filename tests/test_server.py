@@ -147,13 +147,13 @@ def test_a_sliding_window_model_is_served_compressed(server_factory, gemma3_path
 
     gemma = server_factory(centred_copy(gemma3_path, tmp_path / "gemma3.gguf", 256), "--alias", "gemma",
                            "--kv-budget", "128", "--kv-divide-length", "32", "--n-ctx", "4096", "--threads", "2",
-                           "--kv-select", "per-head", "--kv-keep-prompt")
+                           "--kv-select", "per-head", "--kv-keep-prompt", "--kv-keep-recent", "32")
     client = openai.OpenAI(base_url=f"{gemma}/v1", api_key="unused", timeout=600)
     out = client.completions.create(model="gemma", prompt="Once upon a time", max_tokens=1200, temperature=0)
     kv = httpx.get(f"{gemma}/props").json()["kv_compress"]
     assert out.usage.completion_tokens == 1200 and kv["compressions"] > 0
     assert kv["swa_cells_capacity"] > 0 and kv["cells_used"] <= 128 + 32
-    assert kv["select"] == "per-head" and kv["keep_prompt"] is True
+    assert kv["select"] == "per-head" and kv["keep_prompt"] is True and kv["keep_recent"] == 32
     assert kv["logical_pos"] > kv["cells_capacity"]
 
 

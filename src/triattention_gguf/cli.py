@@ -237,7 +237,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.model}: no such model file")
     config = ServeConfig(model=args.model, alias=args.alias, kv_compress=args.kv_compress, kv_budget=args.kv_budget,
                          kv_divide_length=args.kv_divide_length, kv_select=args.kv_select,
-                         kv_keep_prompt=args.kv_keep_prompt, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers,
+                         kv_keep_prompt=args.kv_keep_prompt, kv_keep_recent=args.kv_keep_recent, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers,
                          threads=args.threads, chat_format=args.chat_format, api_key=args.api_key)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     return 0
@@ -337,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-keep-prompt", action="store_true",
                        help="never evict a request's prompt while it fits in the budget (longer: compressed, "
                             "with a warning in the log)")
+    serve.add_argument("--kv-keep-recent", type=int, default=0,
+                       help="never evict the newest N tokens; the method chooses the rest of the budget (default 0)")
     serve.add_argument("--n-ctx", type=int, default=0, help="longest conversation in tokens (default: the model's "
                                                              "trained context)")
     serve.add_argument("--n-gpu-layers", type=int, default=0)

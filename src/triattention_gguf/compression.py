@@ -21,7 +21,7 @@ def _check(rc: int, what: str) -> None:
         raise CompressionError(f"{what}: {lib.triattention_last_error().decode()}")
 
 
-def check_arguments(method: str, budget: int, divide_length: int, select: str) -> None:
+def check_arguments(method: str, budget: int, divide_length: int, select: str, keep_recent: int = 0) -> None:
     """Refuse bad compression arguments with a message that says what to pass instead."""
     if method not in METHODS:
         raise CompressionError(f"unknown kv_compress {method!r}; choose one of {', '.join(METHODS)}")
@@ -30,6 +30,8 @@ def check_arguments(method: str, budget: int, divide_length: int, select: str) -
     if budget < 5 or divide_length < 1:
         raise CompressionError(f"kv_budget must be at least 5 and kv_divide_length at least 1 "
                                f"(got {budget} and {divide_length})")
+    if not 0 <= keep_recent <= budget:
+        raise CompressionError(f"kv_keep_recent must be between 0 and kv_budget {budget} (got {keep_recent})")
 
 
 CELL_PAGE = 256  # llama.cpp rounds a context's cells up to a multiple of this
@@ -48,9 +50,10 @@ def physical_cells(budget: int, divide_length: int, n_ubatch: int, n_swa: int = 
 
 
 def configure(ctx, method: str, budget: int = 2048, divide_length: int = 128, select: str = DEFAULT_SELECT,
-              seed: int = 0, centers: Centers | None = None) -> None:
-    """Compress ctx's cache with `method` to `budget` cells whenever budget + divide_length is reached."""
-    check_arguments(method, budget, divide_length, select)
+              seed: int = 0, centers: Centers | None = None, keep_recent: int = 0) -> None:
+    """Compress ctx's cache with `method` to `budget` cells whenever budget + divide_length is reached,
+    never evicting the newest keep_recent tokens."""
+    check_arguments(method, budget, divide_length, select, keep_recent)
     if centers is not None:
         arrays = [np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
                   for a in (centers.q_mean.real, centers.q_mean.imag, centers.q_abs_mean)]
@@ -58,19 +61,19 @@ def configure(ctx, method: str, budget: int = 2048, divide_length: int = 128, se
                "centres")
     params = lib.triattention_default_params()
     params.method, params.budget, params.divide_length = METHODS[method], budget, divide_length
-    params.select, params.seed = SELECT_MODES[select], seed
+    params.select, params.seed, params.keep_recent = SELECT_MODES[select], seed, keep_recent
     _check(lib.triattention_set_params(ctx, params), "compression parameters")
 
 
 def keep_prefix(ctx, n: int) -> None:
-    """Never evict positions [0, n) (0: none); n must be below the budget."""
+    """Never evict positions [0, n) (0: none); they must fit in the budget beside the kept recent tokens."""
     _check(lib.triattention_set_keep_prefix(ctx, n), "kept prefix")
 
 
-def keep_prompt(ctx, n: int, budget: int) -> bool:
-    """Never evict a prompt of n tokens when it fits (one cell of the budget stays for the newest
-    token), else keep nothing; whether it fits."""
-    fits = n < budget
+def keep_prompt(ctx, n: int, budget: int, keep_recent: int = 0) -> bool:
+    """Never evict a prompt of n tokens when it fits (beside the keep_recent newest tokens, or
+    at least the newest), else keep nothing; whether it fits."""
+    fits = n + max(keep_recent, 1) <= budget
     keep_prefix(ctx, n if fits else 0)
     return fits
 

@@ -230,7 +230,7 @@ def summarize(traces: dict[str, Trace], scored: Scored, configs: list[Config], b
                 best = min(rivals, key=lambda c: _kl_after(traces[c.label], after(c.label)))
                 d, lo, hi = paired(config.label, best.label)
                 row.update(vs=best.name, d_kl=d, d_lo=lo, d_hi=hi)
-            default = Config(config.method, config.budget, DEFAULT_SELECT, config.keep_prompt)
+            default = Config(config.method, config.budget, DEFAULT_SELECT, config.keep_prompt, config.recent)
             if config.select != DEFAULT_SELECT and default.label in traces:  # select modes side by side
                 d, lo, hi = paired(config.label, default.label)
                 row.update(vs_select=default.name, ds_kl=d, ds_lo=lo, ds_hi=hi)

@@ -17,6 +17,8 @@ from triattention_gguf.modelinfo import ModelFacts, model_context
 
 FULL = "none"
 KEEP_PROMPT = "+prompt"  # a method spec's suffix: the prompt is never evicted (generate eval)
+KEEP_RECENT = "+recent"  # a method spec's suffix: the newest RECENT_SHARE of the budget is never evicted
+RECENT_SHARE = 4         # keep_recent = budget // RECENT_SHARE
 
 
 @dataclass(frozen=True)
@@ -25,15 +27,25 @@ class Config:
     budget: int = 0  # 0 for the full cache
     select: str = DEFAULT_SELECT
     keep_prompt: bool = False
+    recent: bool = False  # keep the newest budget // RECENT_SHARE tokens
 
     @classmethod
     def parse(cls, spec: str, budget: int = 0) -> "Config":
-        """A method spec: name[/select][+prompt], e.g. "tri", "tri/per-head", "snapkv+prompt"."""
-        name, keep = (spec[:-len(KEEP_PROMPT)], True) if spec.endswith(KEEP_PROMPT) else (spec, False)
+        """A method spec: name[/select][+recent][+prompt], e.g. "tri", "tri/per-head", "tri+recent",
+        "snapkv+prompt"."""
+        name, *suffixes = spec.split("+")
+        unknown = set(f"+{s}" for s in suffixes) - {KEEP_PROMPT, KEEP_RECENT}
+        if unknown:
+            raise CompressionError(f"unknown suffix {', '.join(sorted(unknown))} in {spec!r}; "
+                                   f"use {KEEP_RECENT} and/or {KEEP_PROMPT}")
         method, _, select = name.partition("/")
         if select and select not in SELECT_MODES:
             raise CompressionError(f"unknown select mode {select!r} in {spec!r}; choose one of {', '.join(SELECT_MODES)}")
-        return cls(method, budget, select or DEFAULT_SELECT, keep)
+        return cls(method, budget, select or DEFAULT_SELECT, KEEP_PROMPT[1:] in suffixes, KEEP_RECENT[1:] in suffixes)
+
+    @property
+    def keep_recent(self) -> int:
+        return self.budget // RECENT_SHARE if self.recent else 0
 
     @property
     def name(self) -> str:
@@ -41,7 +53,7 @@ class Config:
         if self.method == FULL:
             return FULL
         select = "" if self.select == DEFAULT_SELECT else f"/{self.select}"
-        return f"{self.method}{select}{KEEP_PROMPT if self.keep_prompt else ''}"
+        return f"{self.method}{select}{KEEP_RECENT if self.recent else ''}{KEEP_PROMPT if self.keep_prompt else ''}"
 
     @property
     def label(self) -> str:
@@ -68,7 +80,7 @@ def configs_for(methods: list[str], budgets: list[int], divide_length: int) -> l
             config = Config.parse(spec, budget)
             if config.method == FULL:
                 break
-            check_arguments(config.method, budget, divide_length, config.select)
+            check_arguments(config.method, budget, divide_length, config.select, config.keep_recent)
             out.append(config)
     return out
 
@@ -89,7 +101,7 @@ class Runner:
                                                      **overrides))
         if compressing:
             configure(self.ctx, config.method, config.budget, divide_length, config.select,
-                      centers=centres if config.method == "tri" else None)
+                      centers=centres if config.method == "tri" else None, keep_recent=config.keep_recent)
         self._batch = ll.llama_batch_init(chunk, 0, 1)
         stack.callback(ll.llama_batch_free, self._batch)
         self.chunk = chunk
@@ -145,7 +157,7 @@ class Runner:
     def keep_prompt(self, n: int) -> bool:
         """With a keep_prompt Config, never evict positions [0, n) when they fit in the budget
         (whether they do is returned); else nothing is kept."""
-        return self.config.keep_prompt and keep_prompt(self.ctx, n, self.config.budget)
+        return self.config.keep_prompt and keep_prompt(self.ctx, n, self.config.budget, self.config.keep_recent)
 
     def kept_positions(self) -> list[list[np.ndarray]]:
         """Per group (each compressed layer with per-layer-head selection, else one) and KV head,

@@ -34,8 +34,11 @@ class Llama(llama_cpp.Llama):
     kv_divide_length: compress when budget + divide_length cells are reached (default 128).
     kv_select: "per-layer-head" (default: every layer's KV heads keep their own sets, from that
         layer's scores), "per-head" (a set per KV head shared by the layers) or "shared" (one set).
+    kv_keep_recent: never evict the newest kv_keep_recent tokens (default 0: the method alone
+        decides); the rest of the budget goes by the method's scores.
     kv_keep_prompt: never evict the prompt of a generation (as the reference does) while it fits in
-        the budget; a prompt of kv_budget tokens or more is compressed like the rest, with a warning.
+        the budget beside the kept recent tokens; a longer prompt is compressed like the rest, with a
+        warning.
     kv_seed: seed of the "random" baseline.
 
     With compression the physical cache holds kv_budget + kv_divide_length + n_ubatch cells,
@@ -47,15 +50,15 @@ class Llama(llama_cpp.Llama):
 
     def __init__(self, model_path: str, *args, kv_compress: str = "none", kv_budget: int = 2048,
                  kv_divide_length: int = 128, kv_select: str = DEFAULT_SELECT, kv_keep_prompt: bool = False,
-                 kv_seed: int = 0, **kwargs):
-        check_arguments(kv_compress, kv_budget, kv_divide_length, kv_select)
+                 kv_keep_recent: int = 0, kv_seed: int = 0, **kwargs):
+        check_arguments(kv_compress, kv_budget, kv_divide_length, kv_select, kv_keep_recent)
         # every check that can fail runs before the model and the cache are allocated, with
         # llama.cpp's log as quiet as the parent will make it (its load log would drown the error)
         set_verbose(kwargs.get("verbose", True))
         open_gguf(model_path)  # llama.cpp's loader trusts the header: a malformed one can crash or hang it
         self.kv_compress = kv_compress
         self._kv_budget, self._kv_divide_length = kv_budget, kv_divide_length
-        self._kv_keep_prompt, self._kv_select = kv_keep_prompt, kv_select
+        self._kv_keep_prompt, self._kv_select, self._kv_keep_recent = kv_keep_prompt, kv_select, kv_keep_recent
         centres = None
         logical_n_ctx = kwargs.get("n_ctx", 512)
         if kv_compress != "none":
@@ -78,7 +81,8 @@ class Llama(llama_cpp.Llama):
             self.input_ids = np.ndarray((logical_n_ctx,), dtype=np.intc)
             if self._logits_all:
                 self.scores = np.ndarray((logical_n_ctx, self._n_vocab), dtype=np.single)
-            configure(self._ctx.ctx, kv_compress, kv_budget, kv_divide_length, kv_select, kv_seed, centres)
+            configure(self._ctx.ctx, kv_compress, kv_budget, kv_divide_length, kv_select, kv_seed, centres,
+                      kv_keep_recent)
 
     def __del__(self):
         # argument errors are raised before llama_cpp.Llama.__init__ has built anything to free
@@ -104,10 +108,11 @@ class Llama(llama_cpp.Llama):
             if not exact_hit and not self._cut_is_served(min(prefix, len(tokens) - 1)):
                 self.n_tokens = 0
                 ll.llama_memory_clear(ll.llama_get_memory(self._ctx.ctx), True)
-        if self._kv_keep_prompt and self.kv_compress != "none" and not keep_prompt(self._ctx.ctx, len(tokens),
-                                                                                      self._kv_budget):
-            log.warning("kv_keep_prompt: the prompt has %d tokens, more than kv_budget %d holds with the newest "
-                        "token; it is compressed like the generated tokens", len(tokens), self._kv_budget)
+        if self._kv_keep_prompt and self.kv_compress != "none" and not keep_prompt(
+                self._ctx.ctx, len(tokens), self._kv_budget, self._kv_keep_recent):
+            log.warning("kv_keep_prompt: the prompt has %d tokens, more than kv_budget %d holds beside the %d "
+                        "newest tokens; it is compressed like the generated tokens", len(tokens), self._kv_budget,
+                        max(self._kv_keep_recent, 1))
         return super().generate(tokens, *args, reset=reset, **kwargs)
 
     def eval(self, tokens: Sequence[int]) -> None:
@@ -170,7 +175,8 @@ class Llama(llama_cpp.Llama):
         """What a saved state must match to be restored here."""
         return {"model": fingerprint(open_gguf(self.model_path)), "kv_compress": self.kv_compress,
                 "kv_budget": self._kv_budget, "kv_divide_length": self._kv_divide_length,
-                "kv_select": self._kv_select, "centres": getattr(self, "_centres_sha256", None),
+                "kv_select": self._kv_select, "kv_keep_recent": self._kv_keep_recent,
+                "centres": getattr(self, "_centres_sha256", None),
                 "cells": ll.llama_n_ctx(self._ctx.ctx)}
 
     def save_state_file(self, path: str | os.PathLike) -> None:

@@ -54,6 +54,7 @@ class ServeConfig:
     kv_divide_length: int = 128
     kv_select: str = DEFAULT_SELECT
     kv_keep_prompt: bool = False
+    kv_keep_recent: int = 0
     n_ctx: int = 0  # 0: the model's trained context
     n_gpu_layers: int = 0
     threads: int | None = None
@@ -141,7 +142,8 @@ class Engine:
         self.config = config
         self.llm = Llama(config.model, kv_compress=config.kv_compress, kv_budget=config.kv_budget,
                          kv_divide_length=config.kv_divide_length, kv_select=config.kv_select,
-                         kv_keep_prompt=config.kv_keep_prompt, n_ctx=config.n_ctx,
+                         kv_keep_prompt=config.kv_keep_prompt, kv_keep_recent=config.kv_keep_recent,
+                         n_ctx=config.n_ctx,
                          n_gpu_layers=config.n_gpu_layers, n_threads=config.threads, chat_format=config.chat_format,
                          verbose=False)
         self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -577,7 +579,8 @@ def create_app(config: ServeConfig) -> FastAPI:
                                    "supports_parallel_tool_calls": False},
             "kv_compress": {"method": config.kv_compress, "budget": config.kv_budget,
                             "divide_length": config.kv_divide_length, "select": config.kv_select,
-                            "keep_prompt": config.kv_keep_prompt, **engine.llm.kv_stats()},
+                            "keep_prompt": config.kv_keep_prompt, "keep_recent": config.kv_keep_recent,
+                            **engine.llm.kv_stats()},
         }
 
     @app.get("/metrics")
