@@ -108,7 +108,9 @@ def smollm2_centred(smollm2_path, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server_factory(tmp_path_factory):
     """Starts `triattention-gguf serve MODEL ARGS...` on a free 127.0.0.1 port, returns its base URL
-    once /health answers; every server started is stopped at the end of the module."""
+    once /health answers; every server started is stopped at the end of the module.
+    start.stop(base) stops one now (as Ctrl-C would); start.log(base) is what it logged."""
+    import signal
     import socket
     import subprocess
     import sys
@@ -116,7 +118,7 @@ def server_factory(tmp_path_factory):
 
     import httpx
 
-    started = []
+    started = {}
 
     def start(model: str, *args: str) -> str:
         with socket.socket() as s:
@@ -125,8 +127,8 @@ def server_factory(tmp_path_factory):
         log = open(tmp_path_factory.mktemp("server") / "log.txt", "w+")
         proc = subprocess.Popen([sys.executable, "-m", "triattention_gguf.cli", "serve", model, "--port", str(port),
                                  *args], stdout=log, stderr=subprocess.STDOUT)
-        started.append((proc, log))
         base = f"http://127.0.0.1:{port}"
+        started[base] = (proc, log)
         for _ in range(600):
             try:
                 if httpx.get(f"{base}/health", timeout=1).status_code == 200:
@@ -139,8 +141,20 @@ def server_factory(tmp_path_factory):
             time.sleep(0.1)
         raise RuntimeError("server did not start")
 
+    def stop(base: str) -> None:
+        proc, _ = started[base]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+
+    def text(base: str) -> str:
+        log = started[base][1]
+        log.flush()
+        log.seek(0)
+        return log.read()
+
+    start.stop, start.log = stop, text
     yield start
-    for proc, log in started:
+    for proc, log in started.values():
         proc.terminate()
         proc.wait(timeout=30)
         log.close()

@@ -307,3 +307,34 @@ def test_a_state_file_resumes_in_another_instance(centred, tmp_path):
         llm.save_state_file(tmp_path / "missing-dir" / "x.state")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conversation.state", "cut.state", "flipped.state",
                                                           "text.state"]  # no temporary left behind
+
+
+def test_conversations_on_one_model_keep_caches_of_their_own(centred):
+    kw = dict(kv_compress="tri", kv_budget=64, kv_divide_length=32, **SMALL)
+    llm = Llama(centred, **kw)
+    first = llm.conversation
+    a = greedy(llm, n=120)
+    history = list(llm._input_ids)
+    other = llm.new_conversation()
+    llm.use(other)
+    assert llm.n_tokens == 0 and llm.kv_stats()["cells_used"] == 0  # a cache of its own, empty
+    b = greedy(llm, prompt=PROMPT.replace("lighthouses", "bridges"), n=120)
+    assert llm.kv_stats()["compressions"] > 0 and b != a
+    llm.use(first)  # the first conversation goes on where it was, reading only the new token
+    assert list(llm._input_ids) == history
+    going_on = list(_take(llm.generate(history, temp=0.0), 40))
+    assert llm.prompt_reuse()["reused"] == len(history) - 1
+    alone = Llama(centred, **kw)
+    assert greedy(alone, n=120) == a
+    assert list(_take(alone.generate(history, temp=0.0), 40)) == going_on
+
+
+def test_a_saved_state_holds_the_cache_not_a_logits_buffer(centred):
+    llm = Llama(centred, kv_compress="tri", kv_budget=64, kv_divide_length=32, **SMALL)
+    greedy(llm, n=150)
+    state = llm.save_state()
+    kv = llm.kv_stats()
+    assert state.scores.size == 0 and len(state.input_ids) == state.n_tokens == kv["logical_pos"]
+    # the used cells' K and V, the last token's logits and llama.cpp's small extras; not the allocated cache
+    used = kv["kv_bytes"] * kv["cells_used"] / kv["cells_capacity"]
+    assert used < len(state.llama_state) < used + 4 * llm.n_vocab() + 65536

@@ -162,6 +162,10 @@ def _report(args: argparse.Namespace, name: str, rows: list[dict], columns: list
     print(f"written: {out / f'{name}.md'}, {out / f'{name}.json'}, {out / f'{name}.png'}")
 
 
+SERVE_COLUMNS = ["model", "server", "prompt_tokens", "read", "read_first", "read_later_max", "seconds", "seconds_first",
+                 "seconds_later_median", "cache_entries", "entry_mib", "slot_kv_mib"]
+RESTART_COLUMNS = ["model", "server", "first_prompt", "first_read", "first_seconds", "entry_mib", "after_restart_prompt",
+                   "after_restart_read", "after_restart_seconds"]
 EVAL_COLUMNS = ["model", "setting", "method", "budget", "fraction", "kl", "kl_compressed", "vs", "d_kl", "d_lo", "d_hi",
                 "vs_select", "ds_kl", "ds_lo", "ds_hi",
                 "kl_far", "kl_near", "far_share", "top1", "top1_compressed", "first_diff", "ppl", "ppl_full", "recall",
@@ -224,12 +228,34 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from triattention_gguf.calibrate import default_text, read_texts
+    from triattention_gguf.report import markdown_table, write_outputs
+    from triattention_gguf.serve_bench import bench_serve
+
+    if not Path(args.model).is_file():
+        raise UsageError(f"{args.model}: no such model file")
+    text = read_texts(args.text) if args.text else default_text()
+    rows = bench_serve(args.model, text, args.system_tokens, args.conversations, args.turns, args.max_tokens,
+                       args.kv_budget, args.n_ctx, args.restart_tokens, args.threads, Path(args.out))
+    out = write_outputs(args.out, "bench-serve", rows, SERVE_COLUMNS,
+                        {"command": "bench-serve", "args": vars(args) | {"func": None}})
+    tables = markdown_table([r for r in rows if r["case"] == "agents"], SERVE_COLUMNS)
+    restarts = [r for r in rows if r["case"] == "restart"]
+    if restarts:
+        tables += "\n" + markdown_table(restarts, RESTART_COLUMNS)
+    (out / "bench-serve.md").write_text(tables)
+    print(tables + f"written: {out / 'bench-serve.md'}, {out / 'bench-serve.json'}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
     import uvicorn
 
-    from triattention_gguf.server import ServeConfig, create_app
+    from triattention_gguf.engine import ServeConfig
+    from triattention_gguf.server import create_app
 
     _quiet_llama(args.verbose)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -238,7 +264,9 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServeConfig(model=args.model, alias=args.alias, kv_compress=args.kv_compress, kv_budget=args.kv_budget,
                          kv_divide_length=args.kv_divide_length, kv_select=args.kv_select,
                          kv_keep_prompt=args.kv_keep_prompt, kv_keep_recent=args.kv_keep_recent, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers,
-                         threads=args.threads, chat_format=args.chat_format, api_key=args.api_key)
+                         threads=args.threads, chat_format=args.chat_format, api_key=args.api_key,
+                         parallel=args.parallel, cache_ram=args.cache_ram, cache_dir=args.cache_dir,
+                         cache_dir_max=args.cache_dir_max)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     return 0
 
@@ -247,6 +275,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, not {text}")
     return value
 
 
@@ -324,6 +359,22 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--rounds", type=_positive, default=None, help="interleaved decode rounds (default 3)")
     be.set_defaults(func=_bench)
 
+    bs = sub.add_parser("bench-serve", help="agent traffic against real servers: conversations sharing a long system "
+                                            "prompt, tri and the full cache, one slot with the prompt cache and one "
+                                            "slot each; and a restart on --cache-dir")
+    bs.add_argument("model", help="GGUF model file with centres (embed-centers)")
+    bs.add_argument("--text", action="append", help="text of the system prompts (default: Python's documentation)")
+    bs.add_argument("--system-tokens", type=_positive, default=6000, help="shared system prompt (default 6000)")
+    bs.add_argument("--conversations", type=_positive, default=4)
+    bs.add_argument("--turns", type=_positive, default=5)
+    bs.add_argument("--max-tokens", type=_positive, default=32, help="tokens per answer (default 32)")
+    bs.add_argument("--kv-budget", type=_positive, default=2048)
+    bs.add_argument("--n-ctx", type=_positive, default=16384)
+    bs.add_argument("--restart-tokens", type=int, default=12000, help="first prompt of the restart case, 0: skip it")
+    bs.add_argument("--threads", type=_positive, default=None)
+    bs.add_argument("--out", default="bench-serve-results")
+    bs.set_defaults(func=_bench_serve)
+
     serve = sub.add_parser("serve", help="an OpenAI-compatible server (chat, completions, tools, streaming) over "
                                          "a compressed cache")
     serve.add_argument("model", help="GGUF model file (tri needs centres: embed-centers)")
@@ -337,10 +388,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-keep-prompt", action="store_true",
                        help="never evict a request's prompt while it fits in the budget (longer: compressed, "
                             "with a warning in the log)")
-    serve.add_argument("--kv-keep-recent", type=int, default=0,
+    serve.add_argument("--kv-keep-recent", type=_non_negative, default=0,
                        help="never evict the newest N tokens; the method chooses the rest of the budget (default 0)")
     serve.add_argument("--n-ctx", type=int, default=0, help="longest conversation in tokens (default: the model's "
                                                              "trained context)")
+    serve.add_argument("--parallel", type=_positive, default=1,
+                       help="slots: conversations held at once, each in a compressed cache of its own (default 1)")
+    serve.add_argument("--cache-ram", type=_non_negative, default=2048, metavar="MiB",
+                       help="host memory for the states of displaced conversations, restored by common prefix "
+                            "(default 2048; 0: none)")
+    serve.add_argument("--cache-dir", default=None, help="also keep conversations here, so that a restarted server "
+                                                         "(or another on the same model and settings) resumes warm")
+    serve.add_argument("--cache-dir-max", type=_positive, default=16384, metavar="MiB",
+                       help="size bound of --cache-dir, oldest entries evicted first (default 16384)")
     serve.add_argument("--n-gpu-layers", type=int, default=0)
     serve.add_argument("--threads", type=_positive, default=None)
     serve.add_argument("--chat-format", default=None, help="llama-cpp-python chat format (default: the model's "

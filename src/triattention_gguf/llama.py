@@ -1,15 +1,19 @@
 """`triattention_gguf.Llama`: llama_cpp.Llama with a compressed KV cache."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
 import os
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import llama_cpp
+import llama_cpp._internals as internals
 import numpy as np
 from llama_cpp._logger import set_verbose
+from llama_cpp._utils import suppress_stdout_stderr
 
 from triattention_gguf import state_file
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
@@ -20,6 +24,16 @@ from triattention_gguf.methods import DEFAULT_SELECT
 from triattention_gguf.modelinfo import fingerprint, open_gguf, read_facts
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Conversation:
+    """One llama_context on a Llama's model with the tokens its cache holds (Llama.use makes it the
+    one that generate() and the state calls work on)."""
+    ctx: internals.LlamaContext
+    input_ids: np.ndarray
+    n_tokens: int = 0
+    requires_eval: bool = True
 
 
 class Llama(llama_cpp.Llama):
@@ -41,6 +55,10 @@ class Llama(llama_cpp.Llama):
         warning.
     kv_seed: seed of the "random" baseline.
 
+    More contexts on the same loaded model, compressed alike, come from new_conversation(); use()
+    switches between them, and on_prompt (when set) is called with each generation's prompt tokens
+    before the cache is matched against them (the server routes requests to its slots there).
+
     With compression the physical cache holds kv_budget + kv_divide_length + n_ubatch cells,
     however long n_ctx is; prompts are read in chunks of n_ubatch tokens (default: at most 512,
     chosen so that llama.cpp's rounding of the cache to 256 cells adds nothing). A sliding-window
@@ -59,6 +77,8 @@ class Llama(llama_cpp.Llama):
         self.kv_compress = kv_compress
         self._kv_budget, self._kv_divide_length = kv_budget, kv_divide_length
         self._kv_keep_prompt, self._kv_select, self._kv_keep_recent = kv_keep_prompt, kv_select, kv_keep_recent
+        self._kv_seed = kv_seed
+        self.on_prompt: Callable[[list[int]], None] | None = None
         centres = None
         logical_n_ctx = kwargs.get("n_ctx", 512)
         if kv_compress != "none":
@@ -81,8 +101,36 @@ class Llama(llama_cpp.Llama):
             self.input_ids = np.ndarray((logical_n_ctx,), dtype=np.intc)
             if self._logits_all:
                 self.scores = np.ndarray((logical_n_ctx, self._n_vocab), dtype=np.single)
-            configure(self._ctx.ctx, kv_compress, kv_budget, kv_divide_length, kv_select, kv_seed, centres,
-                      kv_keep_recent)
+        self._centres = centres
+        self._configure(self._ctx.ctx)
+        self._conversation = Conversation(self._ctx, self.input_ids)
+
+    def _configure(self, ctx) -> None:
+        if self.kv_compress != "none":
+            configure(ctx, self.kv_compress, self._kv_budget, self._kv_divide_length, self._kv_select, self._kv_seed,
+                      self._centres, self._kv_keep_recent)
+
+    def new_conversation(self) -> Conversation:
+        """Another context on the loaded model with a cache of its own, compressed alike, freed with
+        this Llama."""
+        with suppress_stdout_stderr(disable=self.verbose):  # llama.cpp logs a context's set-up at length
+            ctx = self._stack.enter_context(contextlib.closing(internals.LlamaContext(
+                model=self._model, params=self.context_params, verbose=self.verbose)))
+        self._configure(ctx.ctx)
+        return Conversation(ctx, np.zeros_like(self.input_ids))
+
+    @property
+    def conversation(self) -> Conversation:
+        """The context that generate() works on now."""
+        return self._conversation
+
+    def use(self, conversation: Conversation) -> None:
+        """Make conversation's context the one that generate() and the state calls work on."""
+        held = self._conversation
+        held.input_ids, held.n_tokens, held.requires_eval = self.input_ids, self.n_tokens, self._requires_eval
+        self._ctx, self.input_ids = conversation.ctx, conversation.input_ids
+        self.n_tokens, self._requires_eval = conversation.n_tokens, conversation.requires_eval
+        self._conversation = conversation
 
     def __del__(self):
         # argument errors are raised before llama_cpp.Llama.__init__ has built anything to free
@@ -95,6 +143,8 @@ class Llama(llama_cpp.Llama):
 
     def generate(self, tokens: Sequence[int], *args, reset: bool = True, **kwargs):
         tokens = list(tokens)
+        if reset and self.on_prompt is not None:
+            self.on_prompt(tokens)
         self.last_prompt = {"tokens": len(tokens), "reused": None}
         if reset and self.kv_compress != "none" and self.n_tokens > 0:
             prefix = 0
@@ -157,7 +207,16 @@ class Llama(llama_cpp.Llama):
         return 0 <= oldest <= max(0, cut - n_swa + 1)
 
     def save_state(self) -> llama_cpp.LlamaState:
-        state = super().save_state()
+        """llama_cpp.Llama.save_state, with what compaction recorded (triattention_records). The saved
+        logits are only those logits_all keeps (the parent copies n_batch x n_vocab floats, mostly
+        stale, which outweighed a compressed cache): a restored state decodes its last token again."""
+        size = ll.llama_state_get_size(self._ctx.ctx)
+        data = (ctypes.c_uint8 * size)()
+        n = ll.llama_state_get_data(self._ctx.ctx, data, size)
+        logits = self._scores.copy() if self._logits_all else np.zeros((0, self._n_vocab), dtype=np.single)
+        state = llama_cpp.LlamaState(input_ids=self.input_ids[:self.n_tokens].copy(), scores=logits,
+                                     n_tokens=self.n_tokens, llama_state=bytes(data[:n]), llama_state_size=n,
+                                     seed=self._seed)
         # llama.cpp saves the cells; which token each head keeps in them is ours to save
         size = lib.triattention_records_size(self._ctx.ctx)
         buf = ctypes.create_string_buffer(size)
@@ -166,12 +225,21 @@ class Llama(llama_cpp.Llama):
         return state
 
     def load_state(self, state: llama_cpp.LlamaState) -> None:
-        super().load_state(state)
+        if state.n_tokens > self.n_ctx():
+            raise CompressionError(f"load_state: the state holds {state.n_tokens} tokens, more than n_ctx "
+                                   f"{self.n_ctx()}")
+        data = (ctypes.c_uint8 * state.llama_state_size).from_buffer_copy(state.llama_state)
+        if ll.llama_state_set_data(self._ctx.ctx, data, state.llama_state_size) != state.llama_state_size:
+            raise CompressionError("load_state: llama.cpp refused the state (another model or context size?)")
+        self.input_ids[:state.n_tokens] = state.input_ids[:state.n_tokens]
+        self.n_tokens, self._seed, self._requires_eval = state.n_tokens, state.seed, True
+        if self._logits_all:
+            self.scores[:len(state.scores)] = state.scores
         records = getattr(state, "triattention_records", None)
         if records is not None and lib.triattention_records_set(self._ctx.ctx, records, len(records)) != 0:
             raise CompressionError(f"load_state: {lib.triattention_last_error().decode()}")
 
-    def _state_identity(self) -> dict:
+    def state_identity(self) -> dict:
         """What a saved state must match to be restored here."""
         return {"model": fingerprint(open_gguf(self.model_path)), "kv_compress": self.kv_compress,
                 "kv_budget": self._kv_budget, "kv_divide_length": self._kv_divide_length,
@@ -183,13 +251,13 @@ class Llama(llama_cpp.Llama):
         """Save the conversation held now (compressed cache, tokens, last logits) to path,
         atomically, for load_state_file in this or another process."""
         state = self.save_state()
-        state_file.write(path, state, state.triattention_records, self._state_identity())
+        state_file.write(path, state, state.triattention_records, self.state_identity())
 
     def load_state_file(self, path: str | os.PathLike) -> None:
         """Restore a conversation saved by save_state_file from the same model file with the same
         compression settings (StateFileError otherwise, or when the file is damaged); the next
         generate() whose prompt extends it reads only the new tokens."""
-        state, records = state_file.read(path, self._state_identity(), self.n_ctx())
+        state, records = state_file.read(path, self.state_identity(), self.n_ctx())
         state.triattention_records = records
         self.load_state(state)
 

@@ -50,16 +50,14 @@ def write(path: str | os.PathLike, state: llama_cpp.LlamaState, records: bytes, 
         raise
 
 
-def read(path: str | os.PathLike, identity: dict, n_ctx: int) -> tuple[llama_cpp.LlamaState, bytes]:
-    """The state and records saved at path, refused with a StateFileError unless the file is whole
-    and was saved with this identity (model fingerprint, compression settings) within n_ctx tokens."""
-    data = Path(path).read_bytes()
-    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
+def _open(path: str | os.PathLike, identity: dict, f) -> tuple[dict, int]:
+    """The header of the state file open as f, checked against identity, and where its payload starts."""
+    head = f.read(len(MAGIC) + 4)
+    if not head.startswith(MAGIC) or len(head) < len(MAGIC) + 4:
         raise StateFileError(f"{path}: not a triattention-gguf state file")
-    (size,) = struct.unpack_from("<I", data, len(MAGIC))
-    start = len(MAGIC) + 4 + size
+    (size,) = struct.unpack_from("<I", head, len(MAGIC))
     try:
-        header = json.loads(data[len(MAGIC) + 4:start])
+        header = json.loads(f.read(size))
         sizes = [int(n) for n in header["sizes"]]
     except (ValueError, KeyError, TypeError) as err:
         raise StateFileError(f"{path}: the state file's header is damaged ({err})") from err
@@ -68,15 +66,35 @@ def read(path: str | os.PathLike, identity: dict, n_ctx: int) -> tuple[llama_cpp
     for key, value in identity.items():
         if header.get(key) != value:
             raise StateFileError(f"{path}: saved with {key} = {header.get(key)!r}; this Llama has {value!r}")
-    payload = data[start:]
-    if len(payload) != sum(sizes) or hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+    start = len(MAGIC) + 4 + size
+    if os.fstat(f.fileno()).st_size != start + sum(sizes):
+        raise StateFileError(f"{path}: the state file is truncated or corrupt")
+    header["sizes"] = sizes
+    return header, start
+
+
+def read_tokens(path: str | os.PathLike, identity: dict) -> np.ndarray:
+    """The tokens of the conversation saved at path (the header checked against identity, the
+    payload only by its size: read() checks its hash)."""
+    with open(path, "rb") as f:
+        header, _ = _open(path, identity, f)
+        return np.frombuffer(f.read(header["sizes"][0]), dtype=np.int32).copy()
+
+
+def read(path: str | os.PathLike, identity: dict, n_ctx: int) -> tuple[llama_cpp.LlamaState, bytes]:
+    """The state and records saved at path, refused with a StateFileError unless the file is whole
+    and was saved with this identity (model fingerprint, compression settings) within n_ctx tokens."""
+    with open(path, "rb") as f:
+        header, start = _open(path, identity, f)
+        payload = f.read()
+    sizes = header["sizes"]
+    if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
         raise StateFileError(f"{path}: the state file is truncated or corrupt")
     if header["n_tokens"] > n_ctx:
         raise StateFileError(f"{path}: holds {header['n_tokens']} tokens, more than this Llama's n_ctx {n_ctx}")
     ids, scores, llama_state, records = (payload[a:b] for a, b in zip(np.cumsum([0] + sizes[:-1]), np.cumsum(sizes)))
-    input_ids = np.zeros(n_ctx, dtype=np.intc)
-    input_ids[:header["n_tokens"]] = np.frombuffer(ids, dtype=np.int32)
-    state = llama_cpp.LlamaState(input_ids=input_ids, n_tokens=header["n_tokens"], seed=header["seed"],
+    state = llama_cpp.LlamaState(input_ids=np.frombuffer(ids, dtype=np.int32).astype(np.intc),
+                                 n_tokens=header["n_tokens"], seed=header["seed"],
                                  scores=np.frombuffer(scores, dtype=np.float32).reshape(header["scores_shape"]).copy(),
                                  llama_state=llama_state, llama_state_size=len(llama_state))
     return state, records
