@@ -6,6 +6,7 @@ cores) and it installs Node and OpenClaw from the npm registry: run it with `pyt
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -32,12 +33,15 @@ def test_openclaw_completes_an_agent_turn(qwen_path, tmp_path, server_factory):
     env = {**os.environ, "HOME": str(home), "PATH": f"{node_bin}:{os.environ['PATH']}"}
 
     def turn(message: str, session: str = "e2e") -> dict:
+        start = time.perf_counter()
         run = subprocess.run([openclaw, "agent", "--local", "--session-id", session, "--json", "--timeout", "3000",
                               "--message", message], env=env, capture_output=True, text=True, timeout=3600)
         assert run.returncode == 0, run.stderr[-3000:]
         result = json.loads(run.stdout)
         assert result["payloads"] and result["payloads"][0]["text"].strip(), result
-        return result["meta"]["agentMeta"]["lastCallUsage"]
+        usage = result["meta"]["agentMeta"]["lastCallUsage"]
+        print(f"openclaw session {session}: {usage} in {time.perf_counter() - start:.1f} s")  # for BENCHMARKS.md
+        return usage
 
     first = turn("Reply with the single word: ready")
     # the agent's prompt outgrew the budget and was read in chunks with compression between them
