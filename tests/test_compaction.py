@@ -106,6 +106,9 @@ def test_bad_parameters_are_refused(smollm2_path):
         params.method, params.budget = 3, 2
         assert lib.triattention_set_params(ctx, params) == -1
         assert "budget >= 5" in lib.triattention_last_error().decode()
+        params.budget, params.keep_recent = BUDGET, BUDGET + 1
+        assert lib.triattention_set_params(ctx, params) == -1
+        assert f"keep_recent {BUDGET + 1} must be in [0, budget {BUDGET}]" in lib.triattention_last_error().decode()
 
 
 def _distinct_ngram_ratio(tokens, n=4):

@@ -129,6 +129,17 @@ def test_bad_requests_get_clear_4xx(base, client, server_factory, smollm2_centre
     assert httpx.get(f"{locked}/metrics").status_code == 401
 
 
+@pytest.mark.parametrize("flag, value, message", [("--kv-keep-recent", "-1", "must be 0 or a positive integer"),
+                                                    ("--cache-ram", "-5", "must be 0 or a positive integer"),
+                                                    ("--parallel", "0", "must be a positive integer")])
+def test_serve_refuses_bad_numbers_before_loading(flag, value, message, capsys):
+    from triattention_gguf.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", "model.gguf", flag, value])
+    assert exited.value.code == 2 and f"{flag}: {message}, not {value}" in capsys.readouterr().err
+
+
 def test_props_and_metrics_describe_the_server(base):
     props = httpx.get(f"{base}/props").json()
     assert props["default_generation_settings"]["n_ctx"] == 8192 and props["model_alias"] == "smol"
