@@ -21,7 +21,7 @@ ggml_tensor * znorm(ggml_context * g, ggml_tensor * s, ggml_tensor * valid, floa
 
 class tri_scorer : public triattention_scorer {
 public:
-    explicit tri_scorer(const triattention_centres & centres) : centres(centres) {}
+    tri_scorer(const triattention_centres & centres, int32_t horizon) : centres(centres), horizon(horizon) {}
 
     bool score(llama_context * ctx, llama_kv_cache * kv, const triattention_candidates & c,
                triattention_scores & out) override {
@@ -57,6 +57,7 @@ public:
 
 private:
     const triattention_centres & centres;
+    const int32_t horizon;
 
     // The virtual queries at position t, q [layer][head][head_dim] in the model's pair layout, and
     // the norm weights w [layer][head][pair], for the cache's layers: each with its own
@@ -73,11 +74,13 @@ private:
             const int il = (int) layers[li];
             triattention_rope_omega(ctx, il, omega.data());
             for (int f = 0; f < n_pairs; ++f) {
-                std::complex<double> mean_offset = 0.0;  // the reference's 17 future offsets 2^0 .. 2^16
-                for (int d = 0; d <= 16; ++d) {
-                    mean_offset += std::polar(1.0, omega[f] * std::ldexp(1.0, d));
+                std::complex<double> mean_offset = 0.0;  // over the future offsets 1, 2, 4, ... <= horizon
+                int n_offsets = 0;
+                for (int32_t delta = 1; delta <= horizon; delta *= 2, ++n_offsets) {
+                    mean_offset += std::polar(1.0, omega[f] * (double) delta);
                 }
-                const std::complex<double> phase = std::polar(1.0, omega[f] * (double) t) * (mean_offset / 17.0);
+                const std::complex<double> phase =
+                    std::polar(1.0, omega[f] * (double) t) * (mean_offset / (double) n_offsets);
                 int re, im;
                 triattn_pair_dims(f, neox, (int) hp.n_rot(il), &re, &im);
                 for (int h = 0; h < n_head; ++h) {
@@ -96,6 +99,6 @@ private:
 
 }  // namespace
 
-std::unique_ptr<triattention_scorer> triattention_tri_scorer(const triattention_centres & centres) {
-    return std::make_unique<tri_scorer>(centres);
+std::unique_ptr<triattention_scorer> triattention_tri_scorer(const triattention_centres & centres, int32_t horizon) {
+    return std::make_unique<tri_scorer>(centres, horizon);
 }

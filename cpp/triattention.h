@@ -10,7 +10,8 @@ extern "C" {
 #endif
 
 // Version of this C API; bumped when a declaration here changes.
-#define TRIATTENTION_API_VERSION 4
+#define TRIATTENTION_API_VERSION 5
+#define TRIATTENTION_MAX_HORIZON 65536  // the reference's largest future offset, 2^16: the default horizon
 
 LLAMA_API int32_t triattention_api_version(void);
 
@@ -104,6 +105,8 @@ struct triattention_params {
     int32_t  select;         // enum triattention_select
     uint32_t seed;           // for TRIATTENTION_METHOD_RANDOM
     int32_t  keep_recent;    // the newest keep_recent tokens are never evicted (0: the method alone decides)
+    int32_t  horizon;        // TRI: the virtual queries average the future offsets 1, 2, 4, ... up to this
+                             // (the reference: 65536); a short one favours what the next queries need
 };
 
 struct triattention_stats {

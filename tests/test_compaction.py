@@ -109,6 +109,13 @@ def test_bad_parameters_are_refused(smollm2_path):
         params.budget, params.keep_recent = BUDGET, BUDGET + 1
         assert lib.triattention_set_params(ctx, params) == -1
         assert f"keep_recent {BUDGET + 1} must be in [0, budget {BUDGET}]" in lib.triattention_last_error().decode()
+        params.keep_recent, params.horizon = 0, 0
+        assert lib.triattention_set_params(ctx, params) == -1
+        assert "horizon 0 must be in [1, 65536]" in lib.triattention_last_error().decode()
+        with pytest.raises(CompressionError, match="kv_horizon must be between 1 and 65536 tokens"):
+            configure(ctx, "knorm", BUDGET, DIVIDE, horizon=1 << 17)
+        with pytest.raises(CompressionError, match="kv_horizon is tri's; kv_compress 'knorm' has no predicted"):
+            configure(ctx, "knorm", BUDGET, DIVIDE, horizon=4)
 
 
 def _distinct_ngram_ratio(tokens, n=4):

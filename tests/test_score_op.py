@@ -9,7 +9,7 @@ import pytest
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.calibrate import compute_centers, default_text
 from triattention_gguf.modelinfo import facts_of, loaded_model, model_context, open_gguf, rope_omega, tokenize
-from triattention_gguf.scoring import OFFSETS, score_cache_layer, virtual_queries
+from triattention_gguf.scoring import OFFSETS, future_offsets, score_cache_layer, virtual_queries
 
 N_PROMPT = 300
 K_TYPES = {"f16": ll.GGML_TYPE_F16, "q8_0": ll.GGML_TYPE_Q8_0, "q4_0": ll.GGML_TYPE_Q4_0}
@@ -76,13 +76,14 @@ def test_op_matches_numpy_reference(model, k_type, centres_of):
                 assert np.std(scores) > 1e-3 * scale  # not a constant
 
 
-@pytest.mark.parametrize("select", ["per-layer-head", "per-head"])
+@pytest.mark.parametrize("select, horizon", [("per-layer-head", 65536), ("per-head", 65536), ("per-layer-head", 4)])
 @pytest.mark.parametrize("model", ["qwen", "gemma3"])
-def test_engine_keeps_the_top_budget_of_algorithm_md(model, select, centres_of):
+def test_engine_keeps_the_top_budget_of_algorithm_md(model, select, horizon, centres_of):
     """The kept sets equal a numpy aggregation of the op's scores (algorithm.md §4) with virtual
     queries at the next token's position: z-score per (layer, head), max over each GQA group, then
     per-layer-head: each layer's own; per-head: the mean over the compressed layers (Gemma 3: its
-    full-attention layers, each with its own RoPE frequencies). Newest kept, top-B per row."""
+    full-attention layers, each with its own RoPE frequencies). Newest kept, top-B per row. A horizon
+    of 4 averages the virtual queries over the future offsets 1, 2, 4 only."""
     from triattention_gguf.compression import compress, compressed_layers, configure, last_kept
 
     path, centres = centres_of[model]
@@ -90,12 +91,12 @@ def test_engine_keeps_the_top_budget_of_algorithm_md(model, select, centres_of):
     with loaded_model(path) as mdl:
         facts = facts_of(path, open_gguf(path), mdl)
         with model_context(mdl, n_ctx=768, n_threads=2, n_ubatch=128) as ctx:
-            configure(ctx, "tri", budget, 64, select, centers=centres)
+            configure(ctx, "tri", budget, 64, select, centers=centres, horizon=horizon)
             tokens = tokenize(mdl, default_text()[:6000])[:120]
             arr = (ll.llama_token * len(tokens))(*tokens)
             assert ll.llama_decode(ctx, ll.llama_batch_get_one(arr, len(tokens))) == 0
             omega = rope_omega(ctx, facts.n_layer, facts.head_dim)
-            q, w = virtual_queries(centres, omega, len(tokens))  # the next token's position
+            q, w = virtual_queries(centres, omega, len(tokens), future_offsets(horizon))  # the next token's position
             gqa = facts.n_head // facts.n_head_kv
             per_layer = []
             for il in compressed_layers(ctx):

@@ -8,7 +8,7 @@ import time
 import traceback
 from pathlib import Path
 
-from triattention_gguf.methods import DEFAULT_SELECT, SELECT_MODES
+from triattention_gguf.methods import DEFAULT_SELECT, MAX_HORIZON, SELECT_MODES
 
 
 class UsageError(Exception):
@@ -263,7 +263,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.model}: no such model file")
     config = ServeConfig(model=args.model, alias=args.alias, kv_compress=args.kv_compress, kv_budget=args.kv_budget,
                          kv_divide_length=args.kv_divide_length, kv_select=args.kv_select,
-                         kv_keep_prompt=args.kv_keep_prompt, kv_keep_recent=args.kv_keep_recent, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers,
+                         kv_keep_prompt=args.kv_keep_prompt, kv_keep_recent=args.kv_keep_recent,
+                         kv_horizon=args.kv_horizon, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers,
                          threads=args.threads, chat_format=args.chat_format, api_key=args.api_key,
                          parallel=args.parallel, cache_ram=args.cache_ram, cache_dir=args.cache_dir,
                          cache_dir_max=args.cache_dir_max)
@@ -329,8 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "attention recall, retrieval; table, JSON and plot")
     measure_options(ev, "eval", "1024 tokens, budgets 1/4 and 256")
     ev.add_argument("--methods", default="none,tri,streaming,knorm,random,snapkv",
-                    help="method specs name[/select][+prompt]: tri/per-head is tri with per-head selection, "
-                         "snapkv+prompt keeps the prompt (default: none,tri,streaming,knorm,random,snapkv)")
+                    help="method specs name[/select][+recent][+prompt][+horizonN]: tri/per-head is tri with per-head "
+                         "selection, snapkv+prompt keeps the prompt, tri+horizon4 predicts 4 tokens ahead "
+                         "(default: none,tri,streaming,knorm,random,snapkv)")
     ev.add_argument("--budgets", default=None, help="cells (1024) or fractions of the text (1/4), comma-separated "
                                                      "(default 1/4,1/8)")
     ev.add_argument("--windows", type=_positive, default=1, help="windows of --tokens tokens at different offsets "
@@ -390,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "with a warning in the log)")
     serve.add_argument("--kv-keep-recent", type=_non_negative, default=0,
                        help="never evict the newest N tokens; the method chooses the rest of the budget (default 0)")
+    serve.add_argument("--kv-horizon", type=_positive, default=MAX_HORIZON, metavar="TOKENS",
+                       help=f"tri predicts the queries up to this many tokens ahead (default {MAX_HORIZON}, the "
+                            "reference's; 4 kept more of the full model in generation, see BENCHMARKS.md)")
     serve.add_argument("--n-ctx", type=int, default=0, help="longest conversation in tokens (default: the model's "
                                                              "trained context)")
     serve.add_argument("--parallel", type=_positive, default=1,

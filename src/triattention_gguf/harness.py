@@ -12,13 +12,14 @@ from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import Centers, load_centers
 from triattention_gguf.compression import (CompressionError, check_arguments, configure, head_positions, keep_prompt,
                                           physical_cells, stats)
-from triattention_gguf.methods import DEFAULT_SELECT, SELECT_MODES
+from triattention_gguf.methods import DEFAULT_SELECT, MAX_HORIZON, SELECT_MODES
 from triattention_gguf.modelinfo import ModelFacts, model_context
 
 FULL = "none"
 KEEP_PROMPT = "+prompt"  # a method spec's suffix: the prompt is never evicted (generate eval)
 KEEP_RECENT = "+recent"  # a method spec's suffix: the newest RECENT_SHARE of the budget is never evicted
 RECENT_SHARE = 4         # keep_recent = budget // RECENT_SHARE
+HORIZON = "+horizon"     # a method spec's suffix with a number: tri's horizon, e.g. tri+horizon4
 
 
 @dataclass(frozen=True)
@@ -28,20 +29,26 @@ class Config:
     select: str = DEFAULT_SELECT
     keep_prompt: bool = False
     recent: bool = False  # keep the newest budget // RECENT_SHARE tokens
+    horizon: int = MAX_HORIZON
 
     @classmethod
     def parse(cls, spec: str, budget: int = 0) -> "Config":
-        """A method spec: name[/select][+recent][+prompt], e.g. "tri", "tri/per-head", "tri+recent",
-        "snapkv+prompt"."""
+        """A method spec: name[/select][+recent][+prompt][+horizonN], e.g. "tri", "tri/per-head",
+        "tri+recent", "snapkv+prompt", "tri+horizon4"."""
         name, *suffixes = spec.split("+")
-        unknown = set(f"+{s}" for s in suffixes) - {KEEP_PROMPT, KEEP_RECENT}
-        if unknown:
-            raise CompressionError(f"unknown suffix {', '.join(sorted(unknown))} in {spec!r}; "
-                                   f"use {KEEP_RECENT} and/or {KEEP_PROMPT}")
+        flags, horizon = set(), MAX_HORIZON
+        for suffix in (f"+{s}" for s in suffixes):
+            if match := re.fullmatch(re.escape(HORIZON) + r"(\d+)", suffix):
+                horizon = int(match.group(1))
+            elif suffix in (KEEP_PROMPT, KEEP_RECENT):
+                flags.add(suffix)
+            else:
+                raise CompressionError(f"unknown suffix {suffix} in {spec!r}; use {KEEP_RECENT}, {KEEP_PROMPT} "
+                                       f"and/or {HORIZON}N (tri's horizon in tokens)")
         method, _, select = name.partition("/")
         if select and select not in SELECT_MODES:
             raise CompressionError(f"unknown select mode {select!r} in {spec!r}; choose one of {', '.join(SELECT_MODES)}")
-        return cls(method, budget, select or DEFAULT_SELECT, KEEP_PROMPT[1:] in suffixes, KEEP_RECENT[1:] in suffixes)
+        return cls(method, budget, select or DEFAULT_SELECT, KEEP_PROMPT in flags, KEEP_RECENT in flags, horizon)
 
     @property
     def keep_recent(self) -> int:
@@ -53,7 +60,9 @@ class Config:
         if self.method == FULL:
             return FULL
         select = "" if self.select == DEFAULT_SELECT else f"/{self.select}"
-        return f"{self.method}{select}{KEEP_RECENT if self.recent else ''}{KEEP_PROMPT if self.keep_prompt else ''}"
+        horizon = "" if self.horizon == MAX_HORIZON else f"{HORIZON}{self.horizon}"
+        return (f"{self.method}{select}{KEEP_RECENT if self.recent else ''}{KEEP_PROMPT if self.keep_prompt else ''}"
+                f"{horizon}")
 
     @property
     def label(self) -> str:
@@ -80,7 +89,7 @@ def configs_for(methods: list[str], budgets: list[int], divide_length: int) -> l
             config = Config.parse(spec, budget)
             if config.method == FULL:
                 break
-            check_arguments(config.method, budget, divide_length, config.select, config.keep_recent)
+            check_arguments(config.method, budget, divide_length, config.select, config.keep_recent, config.horizon)
             out.append(config)
     return out
 
@@ -101,7 +110,8 @@ class Runner:
                                                      **overrides))
         if compressing:
             configure(self.ctx, config.method, config.budget, divide_length, config.select,
-                      centers=centres if config.method == "tri" else None, keep_recent=config.keep_recent)
+                      centers=centres if config.method == "tri" else None, keep_recent=config.keep_recent,
+                      horizon=config.horizon)
         self._batch = ll.llama_batch_init(chunk, 0, 1)
         stack.callback(ll.llama_batch_free, self._batch)
         self.chunk = chunk

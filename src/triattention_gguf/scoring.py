@@ -16,9 +16,15 @@ import numpy as np
 
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import Centers
+from triattention_gguf.methods import MAX_HORIZON
 
-# The reference's 17 geometric offsets of future query positions.
-OFFSETS = 2.0 ** np.arange(17)
+
+def future_offsets(horizon: int) -> np.ndarray:
+    """The geometric offsets 1, 2, 4, ... <= horizon of the future query positions."""
+    return 2.0 ** np.arange(horizon.bit_length())
+
+
+OFFSETS = future_offsets(MAX_HORIZON)  # the reference's 17
 
 
 def pairs_to_real(z: np.ndarray, rope_type: str, n_rot: int) -> np.ndarray:
