@@ -1,5 +1,6 @@
 """triattention_gguf.Llama: the llama-cpp-python drop-in with a compressed cache."""
 import llama_cpp
+import numpy as np
 import pytest
 from conftest import centred_copy
 
@@ -159,6 +160,23 @@ def test_bad_arguments(centred):
         Llama(centred, kv_compress="tri", kv_select="sometimes", **SMALL)
     with pytest.raises(CompressionError, match="kv_budget must be at least 5"):
         Llama(centred, kv_compress="tri", kv_budget=1, **SMALL)
+    with pytest.raises(CompressionError, match="kv_horizon must be between 1 and 65536 tokens"):
+        Llama(centred, kv_compress="tri", kv_horizon=0, **SMALL)
+
+
+def test_the_horizon_reaches_the_engine(centred):
+    """tri with kv_horizon=4 keeps other tokens than with the reference's horizon (identical
+    otherwise: the engine is deterministic), and a saved state records which it was."""
+    from triattention_gguf.compression import head_positions
+
+    held = {}
+    for horizon in (65536, 65536, 4):
+        llm = Llama(centred, kv_compress="tri", kv_budget=64, kv_divide_length=32, kv_horizon=horizon, **SMALL)
+        greedy(llm, n=200)
+        assert llm.kv_stats()["compressions"] >= 3 and llm.state_identity()["kv_horizon"] == horizon
+        positions = head_positions(llm._ctx.ctx)
+        assert held.setdefault(horizon, positions) is positions or np.array_equal(held[horizon], positions)
+    assert not np.array_equal(held[65536], held[4])
 
 
 def test_teacher_forced_eval_fills_every_logical_position(centred):
