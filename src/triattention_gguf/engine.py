@@ -109,8 +109,8 @@ class Engine:
         self.llm = Llama(config.model, kv_compress=config.kv_compress, kv_budget=config.kv_budget,
                          kv_divide_length=config.kv_divide_length, kv_select=config.kv_select,
                          kv_keep_prompt=config.kv_keep_prompt, kv_keep_recent=config.kv_keep_recent,
-                         kv_horizon=config.kv_horizon, n_ctx=config.n_ctx, n_gpu_layers=config.n_gpu_layers, n_threads=config.threads,
-                         chat_format=config.chat_format, verbose=False)
+                         kv_horizon=config.kv_horizon, n_ctx=config.n_ctx, n_gpu_layers=config.n_gpu_layers,
+                         n_threads=config.threads, chat_format=config.chat_format, verbose=False)
         self.cache = (PromptCache(self.llm.state_identity(), self.llm.n_ctx(), config.cache_ram * MiB,
                                   config.cache_dir, config.cache_dir_max * MiB)
                       if config.cache_ram or config.cache_dir else None)

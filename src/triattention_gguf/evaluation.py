@@ -17,8 +17,8 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import ctypes
+import dataclasses
 import json
 import random
 import re

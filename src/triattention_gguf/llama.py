@@ -51,8 +51,8 @@ class Llama(llama_cpp.Llama):
     kv_keep_recent: never evict the newest kv_keep_recent tokens (default 0: the method alone
         decides); the rest of the budget goes by the method's scores.
     kv_horizon: "tri" predicts the attention of the queries up to kv_horizon tokens ahead (the
-        future offsets 1, 2, 4, ... up to it; default 65536, the reference's). A short horizon such
-        as 4 kept more of the full model in generation on both test models (BENCHMARKS.md).
+        future offsets 1, 2, 4, ... up to it; default 65536, the reference's). At budgets of tens
+        to hundreds of cells, 4 kept more of the full model in generation (BENCHMARKS.md).
     kv_keep_prompt: never evict the prompt of a generation (as the reference does) while it fits in
         the budget beside the kept recent tokens; a longer prompt is compressed like the rest, with a
         warning.
