@@ -89,6 +89,21 @@ def test_windows_are_pooled(centred, tmp_path):
     assert rows["tri/shared+recent"]["compressions"] > 0 and rows["tri/shared+recent"]["kl"] != rows["tri/shared"]["kl"]
 
 
+def test_recall_and_retrieval_can_be_left_out_but_not_negative(centred, tmp_path, capsys):
+    out = tmp_path / "no-recall"
+    assert main(["eval", centred, "--tokens", "320", "--budgets", "96", "--methods", "none,tri", "--retrieval-trials",
+                 "0", "--recall-checkpoints", "0", "--threads", "2", "--quiet", "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
+    assert rows["tri"]["compressions"] > 0 and rows["tri"]["kl"] > 0
+    assert rows["tri"]["recall"] is None and rows["none"]["recall"] is None
+    assert rows["tri"]["passkey"] is None
+    for option in ("--recall-checkpoints", "--retrieval-trials"):
+        with pytest.raises(SystemExit) as exited:
+            main(["eval", centred, option, "-1", "--out", str(tmp_path)])
+        assert exited.value.code == 2
+        assert f"argument {option}: must be 0 or a positive integer, not -1" in capsys.readouterr().err
+
+
 def test_bench_measures_every_method_next_to_the_full_cache(centred, tmp_path):
     out = tmp_path / "bench"
     assert main(["bench", centred, "--lengths", "768", "--budgets", "128", "--rounds", "2", "--decode-tokens", "8",

@@ -346,8 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tokens", type=_positive, default=None, help="tokens of text to evaluate (default 8192)")
     ev.add_argument("--chunk", type=_positive, default=32, help="tokens fed at a time (<= divide-length)")
     ev.add_argument("--retrieval-tokens", type=_positive, default=None, help="context of retrieval prompts (default 2048)")
-    ev.add_argument("--retrieval-trials", type=int, default=None, help="prompts per retrieval task, 0 for none (default 3)")
-    ev.add_argument("--recall-checkpoints", type=_positive, default=None, help="chunks where recall is measured (default 4)")
+    ev.add_argument("--retrieval-trials", type=_non_negative, default=None,
+                    help="prompts per retrieval task, 0 for none (default 3)")
+    ev.add_argument("--recall-checkpoints", type=_non_negative, default=None,
+                    help="chunks where recall is measured, 0 for none (default 4)")
     ev.set_defaults(func=_eval)
 
     be = sub.add_parser("bench", help="decode and prefill speed, compression time and memory of every method "
