@@ -230,7 +230,7 @@ ggml_context_ptr triattention_graph_context(size_t n_nodes) {
 }
 
 triattention_params triattention_default_params(void) {
-    return { TRIATTENTION_METHOD_NONE, 2048, 128, TRIATTENTION_SELECT_PER_LAYER_HEAD, 0, 0, TRIATTENTION_MAX_HORIZON };
+    return { TRIATTENTION_METHOD_NONE, 2048, 128, TRIATTENTION_SELECT_PER_LAYER_HEAD, 0, 0, TRIATTENTION_MAX_HORIZON, 0.0f };
 }
 
 int32_t triattention_set_params(llama_context * ctx, triattention_params params) {
@@ -292,6 +292,10 @@ int32_t triattention_set_params(llama_context * ctx, triattention_params params)
     if (params.horizon < 1 || params.horizon > TRIATTENTION_MAX_HORIZON) {
         return triattention_fail("horizon " + std::to_string(params.horizon) + " must be in [1, " +
                                  std::to_string(TRIATTENTION_MAX_HORIZON) + "]");
+    }
+    if (!(params.min_concentration >= 0.0f && params.min_concentration <= 1.0f)) {  // NaN too
+        return triattention_fail("min_concentration " + std::to_string(params.min_concentration) +
+                                 " must be in [0, 1]");
     }
     if (params.method != TRIATTENTION_METHOD_NONE && !prefix_fits(st.keep_prefix, params)) {
         return triattention_fail(prefix_misfit(st.keep_prefix, params));

@@ -1,11 +1,14 @@
 // TriAttention (algorithm.md §4): every cached key scored by the ggml op against one virtual query
 // per (layer, query head) built from the calibrated centres at the next token's position, z-scored
-// over the cells per query head, max over each GQA group.
+// over the cells per query head, max over each GQA group. A (layer, KV head) whose queries are
+// spread out (calibrated concentration below min_concentration; by default none, as the reference)
+// is scored by recency instead: the centres predict little there (BENCHMARKS.md, "Spread heads").
 #include "triattention-scorer.h"
 #include "triattn-pairs.h"
 
 #include "llama-model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <complex>
 
@@ -21,7 +24,8 @@ ggml_tensor * znorm(ggml_context * g, ggml_tensor * s, ggml_tensor * valid, floa
 
 class tri_scorer : public triattention_scorer {
 public:
-    tri_scorer(const triattention_centres & centres, int32_t horizon) : centres(centres), horizon(horizon) {}
+    tri_scorer(const triattention_centres & centres, int32_t horizon, float min_concentration)
+        : centres(centres), horizon(horizon), min_concentration(min_concentration) {}
 
     bool score(llama_context * ctx, llama_kv_cache * kv, const triattention_candidates & c,
                triattention_scores & out) override {
@@ -48,16 +52,74 @@ public:
         }
         std::vector<float> q, w;
         virtual_queries(ctx, layers, c.newest + 1, head_dim, n_head, q, w);
-        return triattention_run_layers(ctx, gf, outputs, [&] {
-            ggml_backend_tensor_set(valid, c.valid.data(), 0, ggml_nbytes(valid));
-            ggml_backend_tensor_set(q_all, q.data(), 0, ggml_nbytes(q_all));
-            ggml_backend_tensor_set(w_all, w.data(), 0, ggml_nbytes(w_all));
-        }, out);
+        if (!triattention_run_layers(ctx, gf, outputs, [&] {
+                ggml_backend_tensor_set(valid, c.valid.data(), 0, ggml_nbytes(valid));
+                ggml_backend_tensor_set(q_all, q.data(), 0, ggml_nbytes(q_all));
+                ggml_backend_tensor_set(w_all, w.data(), 0, ggml_nbytes(w_all));
+            }, out)) {
+            return false;
+        }
+        if (min_concentration > 0.0f) {
+            const std::vector<bool> spread = spread_rows(layers, n_head, head_dim / 2, c.n_head_kv);
+            for (int li = 0; li < n_layer; ++li) {
+                for (int32_t hk = 0; hk < c.n_head_kv; ++hk) {
+                    if (spread[li * c.n_head_kv + hk]) {
+                        recency_row(c.row(c.n_groups == 1 ? 0 : li, hk), c,
+                                    out.v.data() + ((size_t) li * c.n_head_kv + hk) * c.n_kv);
+                    }
+                }
+            }
+        }
+        return true;
     }
 
 private:
     const triattention_centres & centres;
     const int32_t horizon;
+    const float min_concentration;
+
+    // [layer][KV head] of the cache's layers: whether the query heads of that KV head have a mean
+    // concentration R = sum_f |E q_f| / sum_f E|q_f| below min_concentration.
+    std::vector<bool> spread_rows(const std::vector<uint32_t> & layers, int64_t n_head, int n_pairs,
+                                  int32_t n_head_kv) const {
+        std::vector<bool> spread(layers.size() * n_head_kv, false);
+        const int64_t n_gqa = n_head / n_head_kv;
+        for (size_t li = 0; li < layers.size(); ++li) {
+            for (int32_t hk = 0; hk < n_head_kv; ++hk) {
+                double r = 0.0;
+                for (int64_t h = hk * n_gqa; h < (hk + 1) * n_gqa; ++h) {
+                    double centre = 0.0, magnitude = 0.0;
+                    for (int f = 0; f < n_pairs; ++f) {
+                        const size_t i = ((size_t) layers[li] * n_head + h) * n_pairs + f;
+                        centre += std::hypot(centres.q_re[i], centres.q_im[i]);
+                        magnitude += centres.q_abs[i];
+                    }
+                    r += magnitude > 0.0 ? centre / magnitude : 0.0;
+                }
+                spread[li * n_head_kv + hk] = r / (double) n_gqa < (double) min_concentration;
+            }
+        }
+        return spread;
+    }
+
+    // Overwrites a row's scores with z-scored recency (the sinks first, then the newer the higher), on
+    // the scale of the z-scored rows beside it, which the per-head and shared modes average it with.
+    static void recency_row(const llama_pos * pos, const triattention_candidates & c, float * row) {
+        auto recency = [&](llama_pos p) { return p < TRIATTENTION_N_SINKS ? (double) c.newest + 1.0 : (double) p; };
+        double n = 0.0, sum = 0.0, sum_sq = 0.0;
+        for (int32_t i = 0; i < c.n_kv; ++i) {
+            if (pos[i] >= 0) {
+                n += 1.0;
+                sum += recency(pos[i]);
+                sum_sq += recency(pos[i]) * recency(pos[i]);
+            }
+        }
+        const double mean = sum / std::max(n, 1.0);
+        const double sd = std::sqrt(std::max(0.0, sum_sq / std::max(n, 1.0) - mean * mean));
+        for (int32_t i = 0; i < c.n_kv; ++i) {
+            row[i] = pos[i] < 0 ? 0.0f : (float) ((recency(pos[i]) - mean) / (sd + 1e-6));
+        }
+    }
 
     // The virtual queries at position t, q [layer][head][head_dim] in the model's pair layout, and
     // the norm weights w [layer][head][pair], for the cache's layers: each with its own
@@ -99,6 +161,7 @@ private:
 
 }  // namespace
 
-std::unique_ptr<triattention_scorer> triattention_tri_scorer(const triattention_centres & centres, int32_t horizon) {
-    return std::make_unique<tri_scorer>(centres, horizon);
+std::unique_ptr<triattention_scorer> triattention_tri_scorer(const triattention_centres & centres, int32_t horizon,
+                                                            float min_concentration) {
+    return std::make_unique<tri_scorer>(centres, horizon, min_concentration);
 }

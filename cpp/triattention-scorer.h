@@ -45,7 +45,8 @@ std::unique_ptr<triattention_scorer> triattention_make_scorer(llama_context * ct
                                                              const triattention_centres & centres);
 
 // The scorers with a source file of their own.
-std::unique_ptr<triattention_scorer> triattention_tri_scorer(const triattention_centres & centres, int32_t horizon);
+std::unique_ptr<triattention_scorer> triattention_tri_scorer(const triattention_centres & centres, int32_t horizon,
+                                                            float min_concentration);
 std::unique_ptr<triattention_scorer> triattention_snapkv_scorer(llama_context * ctx);
 
 //

@@ -10,7 +10,7 @@ extern "C" {
 #endif
 
 // Version of this C API; bumped when a declaration here changes.
-#define TRIATTENTION_API_VERSION 5
+#define TRIATTENTION_API_VERSION 6
 #define TRIATTENTION_MAX_HORIZON 65536  // the reference's largest future offset, 2^16: the default horizon
 
 LLAMA_API int32_t triattention_api_version(void);
@@ -107,6 +107,9 @@ struct triattention_params {
     int32_t  keep_recent;    // the newest keep_recent tokens are never evicted (0: the method alone decides)
     int32_t  horizon;        // TRI: the virtual queries average the future offsets 1, 2, 4, ... up to this
                              // (the reference: 65536); a short one favours what the next queries need
+    float    min_concentration;  // TRI: a (layer, KV head) whose query heads' mean calibrated concentration
+                                 // R is below this keeps the attention sinks and its newest tokens (0, the
+                                 // default: none, as the reference)
 };
 
 struct triattention_stats {

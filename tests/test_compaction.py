@@ -116,6 +116,15 @@ def test_bad_parameters_are_refused(smollm2_path):
             configure(ctx, "knorm", BUDGET, DIVIDE, horizon=1 << 17)
         with pytest.raises(CompressionError, match="kv_horizon is tri's; kv_compress 'knorm' has no predicted"):
             configure(ctx, "knorm", BUDGET, DIVIDE, horizon=4)
+        for bad in (-0.1, 1.5, float("nan")):
+            params.horizon, params.min_concentration = 65536, bad
+            assert lib.triattention_set_params(ctx, params) == -1
+            assert "min_concentration" in lib.triattention_last_error().decode()
+            assert "must be in [0, 1]" in lib.triattention_last_error().decode()
+            with pytest.raises(CompressionError, match="kv_min_concentration must be between 0 and 1"):
+                configure(ctx, "tri", BUDGET, DIVIDE, min_concentration=bad)
+        with pytest.raises(CompressionError, match="kv_min_concentration is tri's; kv_compress 'knorm' has no"):
+            configure(ctx, "knorm", BUDGET, DIVIDE, min_concentration=0.5)
 
 
 def _distinct_ngram_ratio(tokens, n=4):

@@ -40,10 +40,11 @@ def test_eval_compares_every_method_with_the_full_cache(centred, tmp_path, capsy
 def test_generate_eval_scores_the_full_caches_own_continuations(centred, tmp_path):
     out = tmp_path / "gen"
     assert main(["eval", centred, "--generate", "96", "--tasks", "2", "--budgets", "80", "--divide-length", "32", "--methods",
-                 "none,tri,tri/per-head,tri+horizon4,streaming", "--threads", "2", "--quiet", "--out", str(out)]) == 0
+                 "none,tri,tri/per-head,tri+horizon4,tri+conc0.72,streaming", "--threads", "2", "--quiet", "--out",
+                 str(out)]) == 0
     rows = {r["method"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
-    assert set(rows) == {"none", "tri", "tri/per-head", "tri+horizon4", "streaming", "tri+prompt",
-                         "tri/per-head+prompt", "tri+prompt+horizon4", "streaming+prompt"}
+    assert set(rows) == {"none", "tri", "tri/per-head", "tri+horizon4", "tri+conc0.72", "streaming", "tri+prompt",
+                         "tri/per-head+prompt", "tri+prompt+horizon4", "tri+prompt+conc0.72", "streaming+prompt"}
     for name, row in rows.items():
         assert row["setting"] == "generate 96" and row["sequences"] == 2 and 0 <= row["first_diff"] <= 96
         if name != "none":
@@ -54,12 +55,13 @@ def test_generate_eval_scores_the_full_caches_own_continuations(centred, tmp_pat
         assert row["vs"] == "streaming" and row["d_lo"] <= row["d_kl"] <= row["d_hi"]
         assert row["d_kl"] == pytest.approx(row["kl_compressed"] - rows["streaming"]["kl_compressed"])
     assert rows["tri+prompt"]["vs"] == "streaming+prompt"
-    for name in ("tri/per-head", "tri+horizon4"):  # select modes and horizons paired with the default too
+    for name in ("tri/per-head", "tri+horizon4", "tri+conc0.72"):  # variants paired with the default too
         row = rows[name]
         assert row["vs_select"] == "tri" and row["ds_lo"] <= row["ds_kl"] <= row["ds_hi"]
         assert row["ds_kl"] == pytest.approx(row["kl_compressed"] - rows["tri"]["kl_compressed"])
     assert rows["tri+prompt+horizon4"]["vs_select"] == "tri+prompt"
-    assert rows["tri+horizon4"]["kl_compressed"] != rows["tri"]["kl_compressed"]  # the horizon reached the engine
+    for name in ("tri+horizon4", "tri+conc0.72"):  # the horizon and min_concentration reached the engine
+        assert rows[name]["kl_compressed"] != rows["tri"]["kl_compressed"]
     assert "vs_select" not in rows["tri"]
 
 
@@ -133,9 +135,14 @@ def test_bad_arguments_are_usage_errors(centred, tmp_path, capsys):
     assert main(["eval", centred, "--methods", "tri/per-layer", "--out", str(tmp_path)]) == 2
     assert "unknown select mode 'per-layer' in 'tri/per-layer'" in capsys.readouterr().err
     assert main(["eval", centred, "--methods", "tri+recnt", "--out", str(tmp_path)]) == 2
-    assert "unknown suffix +recnt in 'tri+recnt'; use +recent, +prompt and/or +horizonN" in capsys.readouterr().err
+    assert ("unknown suffix +recnt in 'tri+recnt'; use +recent, +prompt, +horizonN (tri's horizon in tokens) and/or "
+            "+concR" in capsys.readouterr().err)
     assert main(["eval", centred, "--methods", "tri+horizon0", "--out", str(tmp_path)]) == 2
     assert "kv_horizon must be between 1 and 65536 tokens (got 0)" in capsys.readouterr().err
+    assert main(["eval", centred, "--methods", "tri+conc1.5", "--out", str(tmp_path)]) == 2
+    assert "kv_min_concentration must be between 0 and 1 (got 1.5)" in capsys.readouterr().err
+    assert main(["eval", centred, "--methods", "streaming+conc0.5", "--out", str(tmp_path)]) == 2
+    assert "kv_min_concentration is tri's" in capsys.readouterr().err
 
 
 def test_each_sequence_is_read_as_by_a_fresh_context(centred):

@@ -162,6 +162,8 @@ def test_bad_arguments(centred):
         Llama(centred, kv_compress="tri", kv_budget=1, **SMALL)
     with pytest.raises(CompressionError, match="kv_horizon must be between 1 and 65536 tokens"):
         Llama(centred, kv_compress="tri", kv_horizon=0, **SMALL)
+    with pytest.raises(CompressionError, match=r"kv_min_concentration must be between 0 and 1 \(got 72\)"):
+        Llama(centred, kv_compress="tri", kv_min_concentration=72, **SMALL)
 
 
 def test_the_horizon_reaches_the_engine(centred):
@@ -177,6 +179,33 @@ def test_the_horizon_reaches_the_engine(centred):
 
     default = held(65536)
     assert np.array_equal(default, held(65536)) and not np.array_equal(default, held(4))
+
+
+def test_spread_heads_keep_their_newest_tokens(centred):
+    """Every KV head below kv_min_concentration keeps the attention sinks and the newest tokens:
+    with 1 (every head) tri holds what streaming holds; with 0 (none: the default, the reference)
+    other tokens, and with 0.72 the sinks and newest tokens in some heads only (SmolLM2's centres
+    have heads below it), tri's own choice in the others. A saved state records which it was."""
+    from triattention_gguf.calibrate import default_text
+    from triattention_gguf.compression import head_positions
+
+    def held(method, **kw):
+        """Each (layer, KV head)'s held positions, sorted, after the same 400 tokens."""
+        llm = Llama(centred, kv_compress=method, kv_budget=64, kv_divide_length=32, **kw, **SMALL)
+        tokens = llm.tokenize(default_text()[:4000].encode())[:400]
+        for start in range(0, len(tokens), 32):
+            llm.eval(tokens[start:start + 32])
+        assert llm.kv_stats()["compressions"] >= 3
+        if method == "tri":
+            assert llm.state_identity()["kv_min_concentration"] == kw.get("kv_min_concentration", 0.0)
+        return np.sort(head_positions(llm._ctx.ctx), axis=-1)
+
+    streaming, every, none, some = (held("streaming"), held("tri", kv_min_concentration=1.0), held("tri"),
+                                    held("tri", kv_min_concentration=0.72))
+    assert np.array_equal(every, streaming)
+    assert not (none == streaming).all(axis=-1).any()  # no head of tri's own choice holds the newest only
+    spread = (some == streaming).all(axis=-1)
+    assert 0 < spread.sum() < spread.size
 
 
 def test_teacher_forced_eval_fills_every_logical_position(centred):

@@ -9,7 +9,7 @@ import pytest
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.calibrate import compute_centers, default_text
 from triattention_gguf.modelinfo import facts_of, loaded_model, model_context, open_gguf, rope_omega, tokenize
-from triattention_gguf.scoring import OFFSETS, future_offsets, score_cache_layer, virtual_queries
+from triattention_gguf.scoring import OFFSETS, future_offsets, score_cache_layer, spread_heads, virtual_queries
 
 N_PROMPT = 300
 K_TYPES = {"f16": ll.GGML_TYPE_F16, "q8_0": ll.GGML_TYPE_Q8_0, "q4_0": ll.GGML_TYPE_Q4_0}
@@ -76,38 +76,55 @@ def test_op_matches_numpy_reference(model, k_type, centres_of):
                 assert np.std(scores) > 1e-3 * scale  # not a constant
 
 
-@pytest.mark.parametrize("select, horizon", [("per-layer-head", 65536), ("per-head", 65536), ("per-layer-head", 4)])
+def z_scored(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean(-1, keepdims=True)) / (x.std(-1, keepdims=True) + 1e-6)
+
+
+@pytest.mark.parametrize("select, horizon, spread", [("per-layer-head", 65536, False), ("per-head", 65536, False),
+                                                     ("per-layer-head", 4, False), ("per-layer-head", 65536, True),
+                                                     ("per-head", 65536, True)])
 @pytest.mark.parametrize("model", ["qwen", "gemma3"])
-def test_engine_keeps_the_top_budget_of_algorithm_md(model, select, horizon, centres_of):
+def test_engine_keeps_the_top_budget_of_algorithm_md(model, select, horizon, spread, centres_of):
     """The kept sets equal a numpy aggregation of the op's scores (algorithm.md §4) with virtual
     queries at the next token's position: z-score per (layer, head), max over each GQA group, then
     per-layer-head: each layer's own; per-head: the mean over the compressed layers (Gemma 3: its
     full-attention layers, each with its own RoPE frequencies). Newest kept, top-B per row. A horizon
-    of 4 averages the virtual queries over the future offsets 1, 2, 4 only."""
+    of 4 averages the virtual queries over the future offsets 1, 2, 4 only. A KV head whose query
+    heads' mean concentration is below min_concentration scores by z-scored recency, the attention
+    sinks first: `spread` sets min_concentration to the median head's, so that half the heads do;
+    without, 0 (the reference: none does)."""
     from triattention_gguf.compression import compress, compressed_layers, configure, last_kept
 
     path, centres = centres_of[model]
     budget = 64
+    concentration = centres.head_concentration().reshape(centres.n_layer, centres.n_head_kv, -1).mean(-1)
+    min_concentration = float(np.median(concentration)) if spread else 0.0
+    by_recency = spread_heads(centres, min_concentration)
     with loaded_model(path) as mdl:
         facts = facts_of(path, open_gguf(path), mdl)
         with model_context(mdl, n_ctx=768, n_threads=2, n_ubatch=128) as ctx:
-            configure(ctx, "tri", budget, 64, select, centers=centres, horizon=horizon)
+            configure(ctx, "tri", budget, 64, select, centers=centres, horizon=horizon,
+                      min_concentration=min_concentration)
             tokens = tokenize(mdl, default_text()[:6000])[:120]
             arr = (ll.llama_token * len(tokens))(*tokens)
             assert ll.llama_decode(ctx, ll.llama_batch_get_one(arr, len(tokens))) == 0
             omega = rope_omega(ctx, facts.n_layer, facts.head_dim)
             q, w = virtual_queries(centres, omega, len(tokens), future_offsets(horizon))  # the next token's position
             gqa = facts.n_head // facts.n_head_kv
+            recency = z_scored(np.where(np.arange(len(tokens)) < 4, len(tokens), np.arange(len(tokens))).astype(float))
             per_layer = []
-            for il in compressed_layers(ctx):
+            layers = compressed_layers(ctx)
+            for il in layers:
                 s = score_cache_layer(ctx, il, q[il], w[il], facts.n_head_kv)[0].astype(np.float64)
-                z = (s - s.mean(1, keepdims=True)) / (s.std(1, keepdims=True) + 1e-6)
-                per_layer.append(z.reshape(facts.n_head_kv, gqa, -1).max(axis=1))
+                z = z_scored(s).reshape(facts.n_head_kv, gqa, -1).max(axis=1)
+                z[by_recency[il]] = recency
+                per_layer.append(z)
             total = np.array(per_layer) if select == "per-layer-head" else np.mean(per_layer, axis=0)[None]
             total[:, :, -1] = np.inf  # the newest token
             compress(ctx)
             kept = last_kept(ctx, facts.n_head_kv, budget)
     assert kept.shape == total.shape[:2] + (budget,)
+    assert by_recency[layers].any() == spread
     for group in range(kept.shape[0]):
         for hk in range(facts.n_head_kv):
             expected = set(np.argsort(-total[group, hk], kind="stable")[:budget])

@@ -132,7 +132,9 @@ def test_bad_requests_get_clear_4xx(base, client, server_factory, smollm2_centre
 @pytest.mark.parametrize("flag, value, message", [("--kv-keep-recent", "-1", "must be 0 or a positive integer"),
                                                     ("--cache-ram", "-5", "must be 0 or a positive integer"),
                                                     ("--parallel", "0", "must be a positive integer"),
-                                                    ("--kv-horizon", "0", "must be a positive integer")])
+                                                    ("--kv-horizon", "0", "must be a positive integer"),
+                                                    ("--kv-min-concentration", "1.5", "must be a number from 0 to 1"),
+                                                    ("--kv-min-concentration", "x", "must be a number from 0 to 1")])
 def test_serve_refuses_bad_numbers_before_loading(flag, value, message, capsys):
     from triattention_gguf.cli import build_parser
 
@@ -160,13 +162,14 @@ def test_a_sliding_window_model_is_served_compressed(server_factory, gemma3_path
     gemma = server_factory(centred_copy(gemma3_path, tmp_path / "gemma3.gguf", 256), "--alias", "gemma",
                            "--kv-budget", "128", "--kv-divide-length", "32", "--n-ctx", "4096", "--threads", "2",
                            "--kv-select", "per-head", "--kv-keep-prompt", "--kv-keep-recent", "32",
-                           "--kv-horizon", "8")
+                           "--kv-horizon", "8", "--kv-min-concentration", "0.5")
     client = openai.OpenAI(base_url=f"{gemma}/v1", api_key="unused", timeout=600)
     out = client.completions.create(model="gemma", prompt="Once upon a time", max_tokens=1200, temperature=0)
     kv = httpx.get(f"{gemma}/props").json()["kv_compress"]
     assert out.usage.completion_tokens == 1200 and kv["compressions"] > 0
     assert kv["swa_cells_capacity"] > 0 and kv["cells_used"] <= 128 + 32
     assert kv["select"] == "per-head" and kv["keep_prompt"] is True and kv["keep_recent"] == 32 and kv["horizon"] == 8
+    assert kv["min_concentration"] == 0.5
     assert kv["logical_pos"] > kv["cells_capacity"]
 
 

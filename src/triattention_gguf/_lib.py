@@ -71,7 +71,7 @@ _bind("triattention_cache_rows", ctypes.c_int32, _vp, ctypes.c_int32, _f32p, _f3
 class Params(ctypes.Structure):
     _fields_ = [("method", ctypes.c_int32), ("budget", ctypes.c_int32), ("divide_length", ctypes.c_int32),
                 ("select", ctypes.c_int32), ("seed", ctypes.c_uint32), ("keep_recent", ctypes.c_int32),
-                ("horizon", ctypes.c_int32)]
+                ("horizon", ctypes.c_int32), ("min_concentration", ctypes.c_float)]
 
 
 class Stats(ctypes.Structure):

@@ -8,7 +8,7 @@ import time
 import traceback
 from pathlib import Path
 
-from triattention_gguf.methods import DEFAULT_SELECT, MAX_HORIZON, SELECT_MODES
+from triattention_gguf.methods import DEFAULT_SELECT, MAX_HORIZON, MIN_CONCENTRATION, SELECT_MODES
 
 
 class UsageError(Exception):
@@ -264,7 +264,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServeConfig(model=args.model, alias=args.alias, kv_compress=args.kv_compress, kv_budget=args.kv_budget,
                          kv_divide_length=args.kv_divide_length, kv_select=args.kv_select,
                          kv_keep_prompt=args.kv_keep_prompt, kv_keep_recent=args.kv_keep_recent,
-                         kv_horizon=args.kv_horizon, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers,
+                         kv_horizon=args.kv_horizon, kv_min_concentration=args.kv_min_concentration,
+                         n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers,
                          threads=args.threads, chat_format=args.chat_format, api_key=args.api_key,
                          parallel=args.parallel, cache_ram=args.cache_ram, cache_dir=args.cache_dir,
                          cache_dir_max=args.cache_dir_max)
@@ -283,6 +284,16 @@ def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, not {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, not {text}")
     return value
 
 
@@ -330,8 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "attention recall, retrieval; table, JSON and plot")
     measure_options(ev, "eval", "1024 tokens, budgets 1/4 and 256")
     ev.add_argument("--methods", default="none,tri,streaming,knorm,random,snapkv",
-                    help="method specs name[/select][+recent][+prompt][+horizonN]: tri/per-head is tri with per-head "
-                         "selection, snapkv+prompt keeps the prompt, tri+horizon4 predicts 4 tokens ahead "
+                    help="method specs name[/select][+recent][+prompt][+horizonN][+concR]: tri/per-head is tri with "
+                         "per-head selection, snapkv+prompt keeps the prompt, tri+horizon4 predicts 4 tokens ahead, "
+                         "tri+conc0.72 keeps the newest tokens in heads with concentration below 0.72 "
                          "(default: none,tri,streaming,knorm,random,snapkv)")
     ev.add_argument("--budgets", default=None, help="cells (1024) or fractions of the text (1/4), comma-separated "
                                                      "(default 1/4,1/8)")
@@ -397,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-horizon", type=_positive, default=MAX_HORIZON, metavar="TOKENS",
                        help=f"tri predicts the queries up to this many tokens ahead (default {MAX_HORIZON}, the "
                             "reference's; 4 kept more of the full model in generation, see BENCHMARKS.md)")
+    serve.add_argument("--kv-min-concentration", type=_fraction, default=MIN_CONCENTRATION, metavar="R",
+                       help=f"tri keeps the newest tokens in heads whose calibrated concentration is below R "
+                            f"(default {MIN_CONCENTRATION:g}: none, as the reference; see BENCHMARKS.md)")
     serve.add_argument("--n-ctx", type=int, default=0, help="longest conversation in tokens (default: the model's "
                                                              "trained context)")
     serve.add_argument("--parallel", type=_positive, default=1,

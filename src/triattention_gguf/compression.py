@@ -6,7 +6,7 @@ import ctypes
 import numpy as np
 
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
-from triattention_gguf.methods import DEFAULT_SELECT, MAX_HORIZON, METHODS, SELECT_MODES
+from triattention_gguf.methods import DEFAULT_SELECT, MAX_HORIZON, METHODS, MIN_CONCENTRATION, SELECT_MODES
 from triattention_gguf.centers import Centers
 
 _f32p, _i32p = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32)
@@ -22,7 +22,7 @@ def _check(rc: int, what: str) -> None:
 
 
 def check_arguments(method: str, budget: int, divide_length: int, select: str, keep_recent: int = 0,
-                    horizon: int = MAX_HORIZON) -> None:
+                    horizon: int = MAX_HORIZON, min_concentration: float = MIN_CONCENTRATION) -> None:
     """Refuse bad compression arguments with a message that says what to pass instead."""
     if method not in METHODS:
         raise CompressionError(f"unknown kv_compress {method!r}; choose one of {', '.join(METHODS)}")
@@ -37,6 +37,11 @@ def check_arguments(method: str, budget: int, divide_length: int, select: str, k
         raise CompressionError(f"kv_horizon must be between 1 and {MAX_HORIZON} tokens (got {horizon})")
     if horizon != MAX_HORIZON and method != "tri":
         raise CompressionError(f"kv_horizon is tri's; kv_compress {method!r} has no predicted queries")
+    if not 0.0 <= min_concentration <= 1.0:  # NaN too
+        raise CompressionError(f"kv_min_concentration must be between 0 and 1 (got {min_concentration}); "
+                               f"0 scores every head by its centres")
+    if min_concentration != MIN_CONCENTRATION and method != "tri":
+        raise CompressionError(f"kv_min_concentration is tri's; kv_compress {method!r} has no calibrated centres")
 
 
 CELL_PAGE = 256  # llama.cpp rounds a context's cells up to a multiple of this
@@ -55,10 +60,12 @@ def physical_cells(budget: int, divide_length: int, n_ubatch: int, n_swa: int = 
 
 
 def configure(ctx, method: str, budget: int = 2048, divide_length: int = 128, select: str = DEFAULT_SELECT,
-              seed: int = 0, centers: Centers | None = None, keep_recent: int = 0, horizon: int = MAX_HORIZON) -> None:
+              seed: int = 0, centers: Centers | None = None, keep_recent: int = 0, horizon: int = MAX_HORIZON,
+              min_concentration: float = MIN_CONCENTRATION) -> None:
     """Compress ctx's cache with `method` to `budget` cells whenever budget + divide_length is reached,
-    never evicting the newest keep_recent tokens; tri predicts the queries up to `horizon` tokens ahead."""
-    check_arguments(method, budget, divide_length, select, keep_recent, horizon)
+    never evicting the newest keep_recent tokens; tri predicts the queries up to `horizon` tokens ahead,
+    and keeps the newest tokens in the heads whose concentration is below min_concentration."""
+    check_arguments(method, budget, divide_length, select, keep_recent, horizon, min_concentration)
     if centers is not None:
         arrays = [np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
                   for a in (centers.q_mean.real, centers.q_mean.imag, centers.q_abs_mean)]
@@ -67,6 +74,7 @@ def configure(ctx, method: str, budget: int = 2048, divide_length: int = 128, se
     params = lib.triattention_default_params()
     params.method, params.budget, params.divide_length = METHODS[method], budget, divide_length
     params.select, params.seed, params.keep_recent, params.horizon = SELECT_MODES[select], seed, keep_recent, horizon
+    params.min_concentration = min_concentration
     _check(lib.triattention_set_params(ctx, params), "compression parameters")
 
 

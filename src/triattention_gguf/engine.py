@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from triattention_gguf.llama import Llama
-from triattention_gguf.methods import DEFAULT_SELECT, MAX_HORIZON
+from triattention_gguf.methods import DEFAULT_SELECT, MAX_HORIZON, MIN_CONCENTRATION
 from triattention_gguf.openai_api import (PROMPT_ERRORS, ApiError, BaseRequest, as_chunks, error_body,
                                           parse_tool_calls, sse)
 from triattention_gguf.prompt_cache import PromptCache
@@ -50,6 +50,7 @@ class ServeConfig:
     kv_keep_prompt: bool = False
     kv_keep_recent: int = 0
     kv_horizon: int = MAX_HORIZON
+    kv_min_concentration: float = MIN_CONCENTRATION
     n_ctx: int = 0  # 0: the model's trained context
     n_gpu_layers: int = 0
     threads: int | None = None
@@ -109,7 +110,8 @@ class Engine:
         self.llm = Llama(config.model, kv_compress=config.kv_compress, kv_budget=config.kv_budget,
                          kv_divide_length=config.kv_divide_length, kv_select=config.kv_select,
                          kv_keep_prompt=config.kv_keep_prompt, kv_keep_recent=config.kv_keep_recent,
-                         kv_horizon=config.kv_horizon, n_ctx=config.n_ctx, n_gpu_layers=config.n_gpu_layers,
+                         kv_horizon=config.kv_horizon, kv_min_concentration=config.kv_min_concentration,
+                         n_ctx=config.n_ctx, n_gpu_layers=config.n_gpu_layers,
                          n_threads=config.threads, chat_format=config.chat_format, verbose=False)
         self.cache = (PromptCache(self.llm.state_identity(), self.llm.n_ctx(), config.cache_ram * MiB,
                                   config.cache_dir, config.cache_dir_max * MiB)

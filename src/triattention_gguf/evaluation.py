@@ -33,7 +33,7 @@ from triattention_gguf._lib import llama_cpp_bindings as ll
 from triattention_gguf.calibrate import default_text, last_queries, query_capture
 from triattention_gguf.compression import cache_rows, compressed_layers
 from triattention_gguf.harness import FULL, KEEP_PROMPT, Config, Runner, configs_for, parse_budgets, runners
-from triattention_gguf.methods import DEFAULT_SELECT, MAX_HORIZON
+from triattention_gguf.methods import DEFAULT_SELECT, MAX_HORIZON, MIN_CONCENTRATION
 from triattention_gguf.modelinfo import ModelFacts, detokenize, model_with_facts, tokenize
 from triattention_gguf.paired import block_bootstrap_ci, block_ids, far_copies
 
@@ -231,8 +231,9 @@ def summarize(traces: dict[str, Trace], scored: Scored, configs: list[Config], b
                 best = min(rivals, key=lambda c: _kl_after(traces[c.label], after(c.label)))
                 d, lo, hi = paired(config.label, best.label)
                 row.update(vs=best.name, d_kl=d, d_lo=lo, d_hi=hi)
-            default = dataclasses.replace(config, select=DEFAULT_SELECT, horizon=MAX_HORIZON)
-            if default != config and default.label in traces:  # select modes and horizons side by side
+            default = dataclasses.replace(config, select=DEFAULT_SELECT, horizon=MAX_HORIZON,
+                                          min_concentration=MIN_CONCENTRATION)
+            if default != config and default.label in traces:  # select modes, horizons, ... side by side
                 d, lo, hi = paired(config.label, default.label)
                 row.update(vs_select=default.name, ds_kl=d, ds_lo=lo, ds_hi=hi)
         out[config.label] = row

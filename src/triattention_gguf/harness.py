@@ -12,7 +12,7 @@ from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import Centers, load_centers
 from triattention_gguf.compression import (CompressionError, check_arguments, configure, head_positions, keep_prompt,
                                           physical_cells, stats)
-from triattention_gguf.methods import DEFAULT_SELECT, MAX_HORIZON, SELECT_MODES
+from triattention_gguf.methods import DEFAULT_SELECT, MAX_HORIZON, MIN_CONCENTRATION, SELECT_MODES
 from triattention_gguf.modelinfo import ModelFacts, model_context
 
 FULL = "none"
@@ -20,6 +20,7 @@ KEEP_PROMPT = "+prompt"  # a method spec's suffix: the prompt is never evicted (
 KEEP_RECENT = "+recent"  # a method spec's suffix: the newest RECENT_SHARE of the budget is never evicted
 RECENT_SHARE = 4         # keep_recent = budget // RECENT_SHARE
 HORIZON = "+horizon"     # a method spec's suffix with a number: tri's horizon, e.g. tri+horizon4
+CONCENTRATION = "+conc"  # a method spec's suffix with a number: tri's min_concentration, e.g. tri+conc0.72
 
 
 @dataclass(frozen=True)
@@ -30,25 +31,30 @@ class Config:
     keep_prompt: bool = False
     recent: bool = False  # keep the newest budget // RECENT_SHARE tokens
     horizon: int = MAX_HORIZON
+    min_concentration: float = MIN_CONCENTRATION
 
     @classmethod
     def parse(cls, spec: str, budget: int = 0) -> "Config":
-        """A method spec: name[/select][+recent][+prompt][+horizonN], e.g. "tri", "tri/per-head",
-        "tri+recent", "snapkv+prompt", "tri+horizon4"."""
+        """A method spec: name[/select][+recent][+prompt][+horizonN][+concR], e.g. "tri", "tri/per-head",
+        "tri+recent", "snapkv+prompt", "tri+horizon4", "tri+conc0.72"."""
         name, *suffixes = spec.split("+")
-        flags, horizon = set(), MAX_HORIZON
+        flags, horizon, min_concentration = set(), MAX_HORIZON, MIN_CONCENTRATION
         for suffix in (f"+{s}" for s in suffixes):
             if match := re.fullmatch(re.escape(HORIZON) + r"(\d+)", suffix):
                 horizon = int(match.group(1))
+            elif match := re.fullmatch(re.escape(CONCENTRATION) + r"(\d+(?:\.\d+)?)", suffix):
+                min_concentration = float(match.group(1))
             elif suffix in (KEEP_PROMPT, KEEP_RECENT):
                 flags.add(suffix)
             else:
-                raise CompressionError(f"unknown suffix {suffix} in {spec!r}; use {KEEP_RECENT}, {KEEP_PROMPT} "
-                                       f"and/or {HORIZON}N (tri's horizon in tokens)")
+                raise CompressionError(f"unknown suffix {suffix} in {spec!r}; use {KEEP_RECENT}, {KEEP_PROMPT}, "
+                                       f"{HORIZON}N (tri's horizon in tokens) and/or {CONCENTRATION}R (tri's "
+                                       f"min_concentration)")
         method, _, select = name.partition("/")
         if select and select not in SELECT_MODES:
             raise CompressionError(f"unknown select mode {select!r} in {spec!r}; choose one of {', '.join(SELECT_MODES)}")
-        return cls(method, budget, select or DEFAULT_SELECT, KEEP_PROMPT in flags, KEEP_RECENT in flags, horizon)
+        return cls(method, budget, select or DEFAULT_SELECT, KEEP_PROMPT in flags, KEEP_RECENT in flags, horizon,
+                   min_concentration)
 
     @property
     def keep_recent(self) -> int:
@@ -61,8 +67,10 @@ class Config:
             return FULL
         select = "" if self.select == DEFAULT_SELECT else f"/{self.select}"
         horizon = "" if self.horizon == MAX_HORIZON else f"{HORIZON}{self.horizon}"
+        concentration = ("" if self.min_concentration == MIN_CONCENTRATION
+                         else f"{CONCENTRATION}{self.min_concentration:g}")
         return (f"{self.method}{select}{KEEP_RECENT if self.recent else ''}{KEEP_PROMPT if self.keep_prompt else ''}"
-                f"{horizon}")
+                f"{horizon}{concentration}")
 
     @property
     def label(self) -> str:
@@ -89,7 +97,8 @@ def configs_for(methods: list[str], budgets: list[int], divide_length: int) -> l
             config = Config.parse(spec, budget)
             if config.method == FULL:
                 break
-            check_arguments(config.method, budget, divide_length, config.select, config.keep_recent, config.horizon)
+            check_arguments(config.method, budget, divide_length, config.select, config.keep_recent, config.horizon,
+                            config.min_concentration)
             out.append(config)
     return out
 
@@ -111,7 +120,7 @@ class Runner:
         if compressing:
             configure(self.ctx, config.method, config.budget, divide_length, config.select,
                       centers=centres if config.method == "tri" else None, keep_recent=config.keep_recent,
-                      horizon=config.horizon)
+                      horizon=config.horizon, min_concentration=config.min_concentration)
         self._batch = ll.llama_batch_init(chunk, 0, 1)
         stack.callback(ll.llama_batch_free, self._batch)
         self.chunk = chunk

@@ -20,7 +20,7 @@ from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import load_centers
 from triattention_gguf.compression import (CompressionError, check_arguments, configure, keep_prompt, physical_cells,
                                           prompt_ubatch, stats)
-from triattention_gguf.methods import DEFAULT_SELECT, MAX_HORIZON
+from triattention_gguf.methods import DEFAULT_SELECT, MAX_HORIZON, MIN_CONCENTRATION
 from triattention_gguf.modelinfo import fingerprint, open_gguf, read_facts
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,10 @@ class Llama(llama_cpp.Llama):
     kv_horizon: "tri" predicts the attention of the queries up to kv_horizon tokens ahead (the
         future offsets 1, 2, 4, ... up to it; default 65536, the reference's). At budgets of tens
         to hundreds of cells, 4 kept more of the full model in generation (BENCHMARKS.md).
+    kv_min_concentration: "tri" keeps the attention sinks and the newest tokens in every (layer, KV
+        head) whose query heads' mean calibrated concentration R is below this (default 0: every
+        head by its centres, as the reference). 0.72 kept more of SmolLM2 and less of Qwen2.5
+        (BENCHMARKS.md, "Spread heads").
     kv_keep_prompt: never evict the prompt of a generation (as the reference does) while it fits in
         the budget beside the kept recent tokens; a longer prompt is compressed like the rest, with a
         warning.
@@ -71,8 +75,10 @@ class Llama(llama_cpp.Llama):
 
     def __init__(self, model_path: str, *args, kv_compress: str = "none", kv_budget: int = 2048,
                  kv_divide_length: int = 128, kv_select: str = DEFAULT_SELECT, kv_keep_prompt: bool = False,
-                 kv_keep_recent: int = 0, kv_horizon: int = MAX_HORIZON, kv_seed: int = 0, **kwargs):
-        check_arguments(kv_compress, kv_budget, kv_divide_length, kv_select, kv_keep_recent, kv_horizon)
+                 kv_keep_recent: int = 0, kv_horizon: int = MAX_HORIZON,
+                 kv_min_concentration: float = MIN_CONCENTRATION, kv_seed: int = 0, **kwargs):
+        check_arguments(kv_compress, kv_budget, kv_divide_length, kv_select, kv_keep_recent, kv_horizon,
+                        kv_min_concentration)
         # every check that can fail runs before the model and the cache are allocated, with
         # llama.cpp's log as quiet as the parent will make it (its load log would drown the error)
         set_verbose(kwargs.get("verbose", True))
@@ -80,7 +86,7 @@ class Llama(llama_cpp.Llama):
         self.kv_compress = kv_compress
         self._kv_budget, self._kv_divide_length = kv_budget, kv_divide_length
         self._kv_keep_prompt, self._kv_select, self._kv_keep_recent = kv_keep_prompt, kv_select, kv_keep_recent
-        self._kv_seed, self._kv_horizon = kv_seed, kv_horizon
+        self._kv_seed, self._kv_horizon, self._kv_min_concentration = kv_seed, kv_horizon, kv_min_concentration
         self.on_prompt: Callable[[list[int]], None] | None = None
         centres = None
         logical_n_ctx = kwargs.get("n_ctx", 512)
@@ -111,7 +117,7 @@ class Llama(llama_cpp.Llama):
     def _configure(self, ctx) -> None:
         if self.kv_compress != "none":
             configure(ctx, self.kv_compress, self._kv_budget, self._kv_divide_length, self._kv_select, self._kv_seed,
-                      self._centres, self._kv_keep_recent, self._kv_horizon)
+                      self._centres, self._kv_keep_recent, self._kv_horizon, self._kv_min_concentration)
 
     def new_conversation(self) -> Conversation:
         """Another context on the loaded model with a cache of its own, compressed alike, freed with
@@ -247,7 +253,8 @@ class Llama(llama_cpp.Llama):
         return {"model": fingerprint(open_gguf(self.model_path)), "kv_compress": self.kv_compress,
                 "kv_budget": self._kv_budget, "kv_divide_length": self._kv_divide_length,
                 "kv_select": self._kv_select, "kv_keep_recent": self._kv_keep_recent,
-                "kv_horizon": self._kv_horizon, "centres": getattr(self, "_centres_sha256", None),
+                "kv_horizon": self._kv_horizon, "kv_min_concentration": self._kv_min_concentration,
+                "centres": getattr(self, "_centres_sha256", None),
                 "cells": ll.llama_n_ctx(self._ctx.ctx)}
 
     def save_state_file(self, path: str | os.PathLike) -> None:

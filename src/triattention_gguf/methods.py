@@ -4,4 +4,8 @@ No imports: the command line lists them without loading the library."""
 METHODS = {"none": 0, "tri": 1, "streaming": 2, "knorm": 3, "random": 4, "snapkv": 5}
 SELECT_MODES = {"per-head": 0, "shared": 1, "per-layer-head": 2}
 MAX_HORIZON = 65536  # tri's largest future offset, the reference's 2^16 (cpp/triattention.h); the default
+# tri scores a (layer, KV head) whose queries are spread out (mean calibrated concentration R below
+# this) by recency (cpp/triattention.h); by default none, as the reference: BENCHMARKS.md, "Spread
+# heads", has the evals (it helps SmolLM2 at 0.72 and costs Qwen2.5)
+MIN_CONCENTRATION = 0.0
 DEFAULT_SELECT = "per-layer-head"  # the reference's mode; BENCHMARKS.md has the evals that chose it

@@ -156,7 +156,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             "kv_compress": {"method": config.kv_compress, "budget": config.kv_budget,
                             "divide_length": config.kv_divide_length, "select": config.kv_select,
                             "keep_prompt": config.kv_keep_prompt, "keep_recent": config.kv_keep_recent,
-                            "horizon": config.kv_horizon,
+                            "horizon": config.kv_horizon, "min_concentration": config.kv_min_concentration,
                             **engine.slots.current.kv},
         }
 
