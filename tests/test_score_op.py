@@ -9,7 +9,7 @@ import pytest
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.calibrate import compute_centers, default_text
 from triattention_gguf.modelinfo import facts_of, loaded_model, model_context, open_gguf, rope_omega, tokenize
-from triattention_gguf.scoring import OFFSETS, future_offsets, score_cache_layer, spread_heads, virtual_queries
+from triattention_gguf.scoring import OFFSETS, future_offsets, score_cache_layer, virtual_queries
 
 N_PROMPT = 300
 K_TYPES = {"f16": ll.GGML_TYPE_F16, "q8_0": ll.GGML_TYPE_Q8_0, "q4_0": ll.GGML_TYPE_Q4_0}
@@ -97,9 +97,9 @@ def test_engine_keeps_the_top_budget_of_algorithm_md(model, select, horizon, spr
 
     path, centres = centres_of[model]
     budget = 64
-    concentration = centres.head_concentration().reshape(centres.n_layer, centres.n_head_kv, -1).mean(-1)
+    concentration = centres.kv_head_concentration()
     min_concentration = float(np.median(concentration)) if spread else 0.0
-    by_recency = spread_heads(centres, min_concentration)
+    by_recency = concentration < min_concentration
     with loaded_model(path) as mdl:
         facts = facts_of(path, open_gguf(path), mdl)
         with model_context(mdl, n_ctx=768, n_threads=2, n_ubatch=128) as ctx:

@@ -52,6 +52,11 @@ class Centers:
         """[n_layer, n_head] R of a whole head: its bands weighted by their mean magnitude."""
         return np.abs(self.q_mean).sum(-1) / np.maximum(self.q_abs_mean.sum(-1), np.finfo(np.float32).tiny)
 
+    def kv_head_concentration(self) -> np.ndarray:
+        """[n_layer, n_head_kv] the mean R of each KV head's query heads: tri scores the KV heads
+        below its min_concentration by recency (cpp/triattention-scorer-tri.cpp)."""
+        return self.head_concentration().reshape(self.n_layer, self.n_head_kv, -1).mean(-1)
+
 
 # key (after PREFIX) -> (GGUF value type, array item type)
 _SCHEMA = {

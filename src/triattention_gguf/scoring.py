@@ -55,13 +55,6 @@ def virtual_queries(centers: Centers, omega: np.ndarray, t: int,
     return q, w
 
 
-def spread_heads(centers: Centers, min_concentration: float) -> np.ndarray:
-    """[n_layer, n_head_kv] bool: the KV heads whose query heads have a mean concentration below
-    min_concentration, which tri scores by recency (cpp/triattention-scorer-tri.cpp)."""
-    r = centers.head_concentration().reshape(centers.n_layer, centers.n_head_kv, -1)
-    return r.mean(axis=-1) < min_concentration
-
-
 def score_cache_layer(ctx, il: int, q: np.ndarray, w: np.ndarray, n_head_kv: int,
                       n_max: int = 1 << 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run the scoring op on layer il of a live context's cache (sequence 0).
