@@ -40,11 +40,12 @@ def test_eval_compares_every_method_with_the_full_cache(centred, tmp_path, capsy
 def test_generate_eval_scores_the_full_caches_own_continuations(centred, tmp_path):
     out = tmp_path / "gen"
     assert main(["eval", centred, "--generate", "96", "--tasks", "2", "--budgets", "80", "--divide-length", "32", "--methods",
-                 "none,tri,tri/per-head,tri+horizon4,tri+conc0.72,streaming", "--threads", "2", "--quiet", "--out",
+                 "none,tri,tri/per-head,tri+horizon4,tri+conc0.72,tri+horizon4+conc0.72,streaming", "--threads", "2", "--quiet", "--out",
                  str(out)]) == 0
     rows = {r["method"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
-    assert set(rows) == {"none", "tri", "tri/per-head", "tri+horizon4", "tri+conc0.72", "streaming", "tri+prompt",
-                         "tri/per-head+prompt", "tri+prompt+horizon4", "tri+prompt+conc0.72", "streaming+prompt"}
+    assert set(rows) == {"none", "tri", "tri/per-head", "tri+horizon4", "tri+conc0.72", "tri+horizon4+conc0.72",
+                         "streaming", "tri+prompt", "tri/per-head+prompt", "tri+prompt+horizon4", "tri+prompt+conc0.72",
+                         "tri+prompt+horizon4+conc0.72", "streaming+prompt"}
     for name, row in rows.items():
         assert row["setting"] == "generate 96" and row["sequences"] == 2 and 0 <= row["first_diff"] <= 96
         if name != "none":
@@ -60,6 +61,9 @@ def test_generate_eval_scores_the_full_caches_own_continuations(centred, tmp_pat
         assert row["vs_select"] == "tri" and row["ds_lo"] <= row["ds_kl"] <= row["ds_hi"]
         assert row["ds_kl"] == pytest.approx(row["kl_compressed"] - rows["tri"]["kl_compressed"])
     assert rows["tri+prompt+horizon4"]["vs_select"] == "tri+prompt"
+    # two settings off their defaults: paired with the run's config that has one of them back
+    assert rows["tri+horizon4+conc0.72"]["vs_select"] == "tri+horizon4"
+    assert rows["tri+prompt+horizon4+conc0.72"]["vs_select"] == "tri+prompt+horizon4"
     for name in ("tri+horizon4", "tri+conc0.72"):  # the horizon and min_concentration reached the engine
         assert rows[name]["kl_compressed"] != rows["tri"]["kl_compressed"]
     assert "vs_select" not in rows["tri"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import itertools
 import json
 import random
 import re
@@ -186,11 +187,30 @@ def _kl_after(trace: Trace, compressed: np.ndarray) -> float:
     return float("inf") if kl is None else kl
 
 
+# tri's settings that `vs_select` puts back at their defaults, in the order tried: the one named
+# last in a method spec first
+_DEFAULTS = {"min_concentration": MIN_CONCENTRATION, "horizon": MAX_HORIZON, "select": DEFAULT_SELECT}
+
+
+def _nearest_default(config: Config, traces: dict[str, Trace]) -> Config | None:
+    """The config of the run that is config with as few of its settings as possible back at
+    their defaults: tri+horizon4+conc0.72 pairs with tri+horizon4 when that ran, else with
+    tri+conc0.72, else with tri; None when none of them ran."""
+    changed = [name for name, default in _DEFAULTS.items() if getattr(config, name) != default]
+    for n in range(1, len(changed) + 1):
+        for names in itertools.combinations(changed, n):
+            candidate = dataclasses.replace(config, **{name: _DEFAULTS[name] for name in names})
+            if candidate.label in traces:
+                return candidate
+    return None
+
+
 def summarize(traces: dict[str, Trace], scored: Scored, configs: list[Config], block: int) -> dict[str, dict]:
     """Per config label: means over every scored position and over those after the first
     compression, KL split by far copies, and against the best baseline at its budget (and, for
-    another select mode, against the same method in the default one) the paired mean difference of
-    KL after the first compression with its 95% block-bootstrap interval."""
+    tri with a setting off its default, against the nearest config in the run with it back at the
+    default) the paired mean difference of KL after the first compression with its 95%
+    block-bootstrap interval."""
     segments, positions = np.concatenate(scored.segment), np.concatenate(scored.position)
     blocks = block_ids(segments, positions, block)
 
@@ -231,11 +251,10 @@ def summarize(traces: dict[str, Trace], scored: Scored, configs: list[Config], b
                 best = min(rivals, key=lambda c: _kl_after(traces[c.label], after(c.label)))
                 d, lo, hi = paired(config.label, best.label)
                 row.update(vs=best.name, d_kl=d, d_lo=lo, d_hi=hi)
-            default = dataclasses.replace(config, select=DEFAULT_SELECT, horizon=MAX_HORIZON,
-                                          min_concentration=MIN_CONCENTRATION)
-            if default != config and default.label in traces:  # select modes, horizons, ... side by side
-                d, lo, hi = paired(config.label, default.label)
-                row.update(vs_select=default.name, ds_kl=d, ds_lo=lo, ds_hi=hi)
+            reference = _nearest_default(config, traces)
+            if reference is not None:  # select modes, horizons, ... side by side
+                d, lo, hi = paired(config.label, reference.label)
+                row.update(vs_select=reference.name, ds_kl=d, ds_lo=lo, ds_hi=hi)
         out[config.label] = row
     return out
 
