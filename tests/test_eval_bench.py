@@ -40,8 +40,8 @@ def test_eval_compares_every_method_with_the_full_cache(centred, tmp_path, capsy
 def test_generate_eval_scores_the_full_caches_own_continuations(centred, tmp_path):
     out = tmp_path / "gen"
     assert main(["eval", centred, "--generate", "96", "--tasks", "2", "--budgets", "80", "--divide-length", "32", "--methods",
-                 "none,tri,tri/per-head,tri+horizon4,tri+conc0.72,tri+horizon4+conc0.72,streaming", "--threads", "2", "--quiet", "--out",
-                 str(out)]) == 0
+                 "none,tri,tri/per-head,tri+horizon4,tri+conc0.72,tri+horizon4+conc0.72,streaming", "--threads", "2",
+                 "--quiet", "--out", str(out)]) == 0
     rows = {r["method"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
     assert set(rows) == {"none", "tri", "tri/per-head", "tri+horizon4", "tri+conc0.72", "tri+horizon4+conc0.72",
                          "streaming", "tri+prompt", "tri/per-head+prompt", "tri+prompt+horizon4", "tri+prompt+conc0.72",

@@ -34,7 +34,6 @@ from triattention_gguf._lib import llama_cpp_bindings as ll
 from triattention_gguf.calibrate import default_text, last_queries, query_capture
 from triattention_gguf.compression import cache_rows, compressed_layers
 from triattention_gguf.harness import FULL, KEEP_PROMPT, Config, Runner, configs_for, parse_budgets, runners
-from triattention_gguf.methods import DEFAULT_SELECT, MAX_HORIZON, MIN_CONCENTRATION
 from triattention_gguf.modelinfo import ModelFacts, detokenize, model_with_facts, tokenize
 from triattention_gguf.paired import block_bootstrap_ci, block_ids, far_copies
 
@@ -189,17 +188,18 @@ def _kl_after(trace: Trace, compressed: np.ndarray) -> float:
 
 # tri's settings that `vs_select` puts back at their defaults, in the order tried: the one named
 # last in a method spec first
-_DEFAULTS = {"min_concentration": MIN_CONCENTRATION, "horizon": MAX_HORIZON, "select": DEFAULT_SELECT}
+_SETTINGS = ("min_concentration", "horizon", "select")
 
 
 def _nearest_default(config: Config, traces: dict[str, Trace]) -> Config | None:
     """The config of the run that is config with as few of its settings as possible back at
     their defaults: tri+horizon4+conc0.72 pairs with tri+horizon4 when that ran, else with
     tri+conc0.72, else with tri; None when none of them ran."""
-    changed = [name for name, default in _DEFAULTS.items() if getattr(config, name) != default]
+    default = Config(config.method)
+    changed = [name for name in _SETTINGS if getattr(config, name) != getattr(default, name)]
     for n in range(1, len(changed) + 1):
         for names in itertools.combinations(changed, n):
-            candidate = dataclasses.replace(config, **{name: _DEFAULTS[name] for name in names})
+            candidate = dataclasses.replace(config, **{name: getattr(default, name) for name in names})
             if candidate.label in traces:
                 return candidate
     return None
