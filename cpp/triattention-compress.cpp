@@ -321,6 +321,31 @@ int32_t triattention_set_centers(llama_context * ctx, const float * q_mean_real,
     st.centres.q_re.assign(q_mean_real, q_mean_real + n);
     st.centres.q_im.assign(q_mean_imag, q_mean_imag + n);
     st.centres.q_abs.assign(q_abs_mean, q_abs_mean + n);
+    st.centres.n_clusters = 0;  // clusters belong to the centres they were calibrated with
+    return 0;
+}
+
+int32_t triattention_set_clusters(llama_context * ctx, const float * q_mean_real, const float * q_mean_imag,
+                                  const float * q_abs_mean, int32_t n_clusters, int64_t n) {
+    triattention_clear_error();
+    const llama_hparams & hp = ctx->get_model().hparams;
+    state & st = state_of(ctx);
+    if (st.centres.q_re.empty()) {
+        return triattention_fail("set the centres (triattention_set_centers) before their clusters");
+    }
+    if (n_clusters < 1 || n_clusters > TRIATTENTION_MAX_CLUSTERS) {
+        return triattention_fail("n_clusters " + std::to_string(n_clusters) + " must be in [1, " +
+                                 std::to_string(TRIATTENTION_MAX_CLUSTERS) + "]");
+    }
+    const int64_t expected = (int64_t) hp.n_layer() * hp.n_head() * n_clusters * (hp.n_embd_head_k() / 2);
+    if (n != expected) {
+        return triattention_fail("clusters have " + std::to_string(n) + " entries; this model needs n_layer * n_head"
+                                 " * n_clusters * head_dim/2 = " + std::to_string(expected));
+    }
+    st.centres.cluster_re.assign(q_mean_real, q_mean_real + n);
+    st.centres.cluster_im.assign(q_mean_imag, q_mean_imag + n);
+    st.centres.cluster_abs.assign(q_abs_mean, q_abs_mean + n);
+    st.centres.n_clusters = n_clusters;
     return 0;
 }
 

@@ -1,8 +1,9 @@
 // TriAttention (algorithm.md §4): every cached key scored by the ggml op against one virtual query
-// per (layer, query head) built from the calibrated centres at the next token's position, z-scored
-// over the cells per query head, max over each GQA group. A (layer, KV head) whose queries are
-// spread out (calibrated concentration below min_concentration; by default none, as the reference)
-// is scored by recency instead: the centres predict little there (BENCHMARKS.md, "Spread heads").
+// per (layer, query head, query cluster) built from the calibrated centres at the next token's
+// position, z-scored over the cells per virtual query, max over each KV head's virtual queries
+// (its GQA group's heads and their clusters). A (layer, KV head) whose queries are spread out
+// (calibrated concentration below min_concentration; by default none, as the reference) is scored
+// by recency instead: the centres predict little there (BENCHMARKS.md, "Spread heads").
 #include "triattention-scorer.h"
 #include "triattn-pairs.h"
 
@@ -33,18 +34,19 @@ public:
         const std::vector<uint32_t> layers = kv->get_layer_ids();
         const int n_layer = (int) layers.size();
         const int64_t head_dim = hp.n_embd_head_k(layers[0]), n_head = hp.n_head(layers[0]);
+        const int64_t n_virtual = virtual_per_layer(n_head);
 
         ggml_context_ptr g = triattention_graph_context(TRIATTENTION_MAX_NODE);
         auto input = [&](ggml_tensor * t) { ggml_set_input(t); return t; };
         ggml_tensor * valid = input(ggml_new_tensor_2d(g.get(), GGML_TYPE_F32, c.n_kv, 1));
-        ggml_tensor * q_all = input(ggml_new_tensor_3d(g.get(), GGML_TYPE_F32, head_dim, n_head, n_layer));
-        ggml_tensor * w_all = input(ggml_new_tensor_3d(g.get(), GGML_TYPE_F32, head_dim / 2, n_head, n_layer));
+        ggml_tensor * q_all = input(ggml_new_tensor_3d(g.get(), GGML_TYPE_F32, head_dim, n_virtual, n_layer));
+        ggml_tensor * w_all = input(ggml_new_tensor_3d(g.get(), GGML_TYPE_F32, head_dim / 2, n_virtual, n_layer));
         ggml_cgraph * gf = ggml_new_graph_custom(g.get(), TRIATTENTION_MAX_NODE, false);
         std::vector<ggml_tensor *> outputs;
         for (int li = 0; li < n_layer; ++li) {
             const int il = (int) layers[li];
-            ggml_tensor * q = ggml_view_2d(g.get(), q_all, head_dim, n_head, q_all->nb[1], li * q_all->nb[2]);
-            ggml_tensor * w = ggml_view_2d(g.get(), w_all, head_dim / 2, n_head, w_all->nb[1], li * w_all->nb[2]);
+            ggml_tensor * q = ggml_view_2d(g.get(), q_all, head_dim, n_virtual, q_all->nb[1], li * q_all->nb[2]);
+            ggml_tensor * w = ggml_view_2d(g.get(), w_all, head_dim / 2, n_virtual, w_all->nb[1], li * w_all->nb[2]);
             ggml_tensor * keys = triattention_keys(g.get(), kv, hp, il, c.n_kv);
             ggml_tensor * s = triattention_score_keys(g.get(), kv, hp, il, keys, q, w);
             triattention_add_layer_output(g.get(), gf, outputs, triattention_gqa_max(g.get(),
@@ -121,16 +123,25 @@ private:
         }
     }
 
-    // The virtual queries at position t, q [layer][head][head_dim] in the model's pair layout, and
-    // the norm weights w [layer][head][pair], for the cache's layers: each with its own
-    // frequencies (Gemma 3's global layers use another RoPE base than its local ones).
+    // Rows of the virtual queries of a layer, [head][cluster]; without clusters one per head.
+    int64_t virtual_per_layer(int64_t n_head) const { return n_head * std::max(centres.n_clusters, 1); }
+
+    // The virtual queries at position t, q [layer][head][cluster][head_dim] in the model's pair layout,
+    // and the norm weights w [layer][head][cluster][pair], for the cache's layers: each with its own
+    // frequencies (Gemma 3's global layers use another RoPE base than its local ones). Without
+    // clusters, the centre is the one virtual query of its head.
     void virtual_queries(llama_context * ctx, const std::vector<uint32_t> & layers, llama_pos t, int64_t head_dim,
                          int64_t n_head, std::vector<float> & q, std::vector<float> & w) const {
         const llama_hparams & hp = ctx->get_model().hparams;
         const int n_pairs = (int) head_dim / 2;
         const bool neox = hp.rope_type == LLAMA_ROPE_TYPE_NEOX;
-        q.assign(layers.size() * n_head * head_dim, 0.0f);
-        w.assign(layers.size() * n_head * n_pairs, 0.0f);
+        const bool clustered = centres.n_clusters > 0;
+        const int64_t n_virtual = virtual_per_layer(n_head);
+        const std::vector<float> & c_re = clustered ? centres.cluster_re : centres.q_re;
+        const std::vector<float> & c_im = clustered ? centres.cluster_im : centres.q_im;
+        const std::vector<float> & c_abs = clustered ? centres.cluster_abs : centres.q_abs;
+        q.assign(layers.size() * n_virtual * head_dim, 0.0f);
+        w.assign(layers.size() * n_virtual * n_pairs, 0.0f);
         std::vector<float> omega(n_pairs);
         for (size_t li = 0; li < layers.size(); ++li) {
             const int il = (int) layers[li];
@@ -145,14 +156,14 @@ private:
                     std::polar(1.0, omega[f] * (double) t) * (mean_offset / (double) n_offsets);
                 int re, im;
                 triattn_pair_dims(f, neox, (int) hp.n_rot(il), &re, &im);
-                for (int h = 0; h < n_head; ++h) {
-                    const size_t i = ((size_t) il * n_head + h) * n_pairs + f;  // centres: every layer
-                    const size_t o = (li * n_head + h) * n_pairs + f;          // graph: the cache's layers
-                    const std::complex<double> v = std::complex<double>(centres.q_re[i], centres.q_im[i]) * phase;
-                    float * qh = q.data() + (li * n_head + h) * head_dim;
-                    qh[re] = (float) v.real();
-                    qh[im] = (float) v.imag();
-                    w[o] = centres.q_abs[i] - (float) std::hypot(centres.q_re[i], centres.q_im[i]);
+                for (int64_t v = 0; v < n_virtual; ++v) {
+                    const size_t i = ((size_t) il * n_virtual + v) * n_pairs + f;  // centres: every layer
+                    const size_t o = (li * n_virtual + v) * n_pairs + f;          // graph: the cache's layers
+                    const std::complex<double> rotated = std::complex<double>(c_re[i], c_im[i]) * phase;
+                    float * qv = q.data() + (li * n_virtual + v) * head_dim;
+                    qv[re] = (float) rotated.real();
+                    qv[im] = (float) rotated.imag();
+                    w[o] = c_abs[i] - (float) std::hypot(c_re[i], c_im[i]);
                 }
             }
         }

@@ -19,7 +19,9 @@ struct triattention_scores {
 
 // The query centres, [n_layer][n_head][head_dim/2] each (every layer of the model).
 struct triattention_centres {
-    std::vector<float> q_re, q_im, q_abs;
+    std::vector<float> q_re, q_im, q_abs;                  // [layer][head][pair]
+    std::vector<float> cluster_re, cluster_im, cluster_abs;  // [layer][head][cluster][pair]
+    int32_t            n_clusters = 0;                       // 0: none set, the centres are the virtual queries
 };
 
 class triattention_scorer {
@@ -58,7 +60,8 @@ constexpr int TRIATTENTION_N_SINKS  = 4;  // streaming: attention sinks at the s
 // Elementwise max(a, b) from ops that every backend has.
 ggml_tensor * triattention_max2(ggml_context * g, ggml_tensor * a, ggml_tensor * b);
 
-// [n_kv, n_head] -> [n_kv, n_head_kv]: max over the query heads of each GQA group.
+// [n_kv, n_rows] -> [n_kv, n_head_kv]: max over the rows of each KV head (its GQA group's query
+// heads, or their clusters), which are adjacent.
 ggml_tensor * triattention_gqa_max(ggml_context * g, ggml_tensor * z, int64_t n_head_kv);
 
 // Computes gf on the cache's backends (set_inputs fills its inputs), then reads per_layer, each

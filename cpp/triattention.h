@@ -10,7 +10,8 @@ extern "C" {
 #endif
 
 // Version of this C API; bumped when a declaration here changes.
-#define TRIATTENTION_API_VERSION 6
+#define TRIATTENTION_API_VERSION 7
+#define TRIATTENTION_MAX_CLUSTERS 64    // query clusters per head (triattention_set_clusters) at most
 #define TRIATTENTION_MAX_HORIZON 65536  // the reference's largest future offset, 2^16: the default horizon
 
 LLAMA_API int32_t triattention_api_version(void);
@@ -152,6 +153,12 @@ LLAMA_API int32_t triattention_set_params(struct llama_context * ctx, struct tri
 // The query centres, [n_layer][n_head][head_dim/2] each (as stored in the GGUF metadata).
 LLAMA_API int32_t triattention_set_centers(struct llama_context * ctx, const float * q_mean_real,
                                            const float * q_mean_imag, const float * q_abs_mean, int64_t n);
+
+// The query clusters, [n_layer][n_head][n_clusters][head_dim/2] each: tri scores the keys against
+// one virtual query per cluster and keeps a key's best (without clusters: the centres, one per head).
+LLAMA_API int32_t triattention_set_clusters(struct llama_context * ctx, const float * q_mean_real,
+                                            const float * q_mean_imag, const float * q_abs_mean, int32_t n_clusters,
+                                            int64_t n);
 
 // Compress sequence 0 to the budget now (when it holds more cells). Returns 0 or -1.
 LLAMA_API int32_t triattention_compress(struct llama_context * ctx);

@@ -65,7 +65,8 @@ def mamba_path(tmp_path_factory):
 
 def rewritten_copy(src, dest, changes: dict, tensor_edit=None) -> None:
     """src written to dest with metadata keys set ({key: (value, type, item type)}: replaced where
-    src has them, added where not) and, with tensor_edit (name, function), that tensor edited in a copy."""
+    src has them, added where not; a value None removes the key) and, with tensor_edit (name,
+    function), that tensor edited in a copy."""
     import gguf
     import numpy as np
 
@@ -77,7 +78,8 @@ def rewritten_copy(src, dest, changes: dict, tensor_edit=None) -> None:
         sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
     for key, (value, vtype, sub) in changes.items():
-        writer.add_key_value(key, value, vtype, sub_type=sub)
+        if value is not None:
+            writer.add_key_value(key, value, vtype, sub_type=sub)
     for t in reader.tensors:
         data = t.data
         if tensor_edit and tensor_edit[0] == t.name:

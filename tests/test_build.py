@@ -26,7 +26,7 @@ def test_llama_cpp_runs_our_library():
     import llama_cpp.llama_cpp as bindings
 
     assert bindings._lib is _lib.lib
-    assert triattention_gguf.api_version() == 6
+    assert triattention_gguf.api_version() == 7
     assert _loaded_libllama().resolve().parent == _lib.lib_dir().resolve()
 
 

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
+from triattention_gguf import calibrate
 from triattention_gguf._lib import llama_cpp_bindings as ll
-from triattention_gguf.calibrate import calibration_run, default_text
+from triattention_gguf.calibrate import calibration_run, compute_centers, default_text, kmeans_labels
 from triattention_gguf.modelinfo import rope_omega
 
 N_TOKENS = 192
@@ -88,3 +89,49 @@ def test_scaled_rope_changes_omega(smollm2_path):
     np.testing.assert_allclose(runs["smollm2-linear-scale"], 0.5 * runs["smollm2-norm"], rtol=1e-6)
     yarn = runs["smollm2-yarn"] / runs["smollm2-norm"]
     assert yarn[0] == pytest.approx(1.0) and yarn[-1] == pytest.approx(0.25)  # extrapolated .. interpolated
+
+
+def test_kmeans_finds_separated_clusters():
+    """Three heads, each with four blobs far apart: every blob becomes one cluster."""
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 4, size=(3, 400))
+    centres = rng.normal(scale=20.0, size=(3, 4, 8))
+    x = (centres[np.arange(3)[:, None], truth] + rng.normal(size=(3, 400, 8))).astype(np.float32)
+    labels = kmeans_labels(x, 4, np.random.default_rng(0))
+    for head in range(3):
+        pairs = set(zip(truth[head].tolist(), labels[head].tolist()))
+        assert len(pairs) == 4, f"head {head}: {sorted(pairs)}"  # a one-to-one map between blobs and clusters
+
+
+def test_clusters_are_the_statistics_of_the_sampled_queries(smollm2_path, monkeypatch):
+    """Each cluster's mean pair and mean pair magnitude, recomputed in numpy from the queries of
+    every third token (captured in a run of their own, chunk by chunk), clustered as compute_centers does."""
+    monkeypatch.setattr(calibrate, "CLUSTER_TOKENS", 100)  # 300 tokens: a sample of every third
+    text, n_tokens, chunk, k = default_text()[20000:40000], 300, 128, 4
+    centres = compute_centers(smollm2_path, text, max_tokens=n_tokens, chunk=chunk, n_threads=2, progress=False,
+                              clusters=k)
+    assert centres.cluster_mean.shape == (30, 9, k, 32) and centres.n_clusters == k
+    with calibration_run(smollm2_path, n_ctx=chunk, keep_last=True, n_threads=2) as run:
+        facts = run.facts
+        tokens = run.tokenize(text)[:n_tokens]
+        sampled = [[] for _ in range(facts.n_layer)]
+        for start in range(0, n_tokens, chunk):
+            run.decode(tokens[start:start + chunk])
+            for il in range(facts.n_layer):
+                queries = run.last_queries(il, post_rope=False)
+                sampled[il] += [queries[i - start] for i in range(start, start + len(queries)) if i % 3 == 0]
+    rng = np.random.default_rng(0)
+    for il in range(facts.n_layer):
+        x = np.array(sampled[il]).transpose(1, 0, 2)  # [head, token, head_dim]
+        assert x.shape[1] == 100
+        labels = kmeans_labels(np.ascontiguousarray(x), k, rng)
+        z = _as_pairs(x.astype(np.float64), facts.rope_type)
+        for h in range(facts.n_head):
+            for c in range(k):
+                members = z[h, labels[h] == c]
+                assert len(members) > 0
+                np.testing.assert_allclose(centres.cluster_mean[il, h, c], members.mean(0), rtol=1e-4, atol=1e-4)
+                np.testing.assert_allclose(centres.cluster_abs_mean[il, h, c], np.abs(members).mean(0),
+                                           rtol=1e-4, atol=1e-4)
+    # the clusters split the heads' queries: each is more concentrated than its head
+    assert np.median(centres.cluster_concentration()) > np.median(centres.head_concentration()) + 0.05

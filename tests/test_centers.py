@@ -18,8 +18,10 @@ from triattention_gguf import Llama
 from triattention_gguf.calibrate import compute_centers
 from triattention_gguf.centers import CentersError, load_centers, read_centers, rewrite_model
 from triattention_gguf.modelinfo import read_facts
+from conftest import rewritten_copy
 
 CALIB_TOKENS = 512
+CLUSTERS = 4
 
 
 def cli(*args, user=None, preexec_fn=None):
@@ -40,7 +42,7 @@ def greedy(path, n=16):
 
 @pytest.fixture(scope="module")
 def smollm2_centres(smollm2_path):
-    return compute_centers(smollm2_path, max_tokens=CALIB_TOKENS, n_threads=2, progress=False)
+    return compute_centers(smollm2_path, max_tokens=CALIB_TOKENS, n_threads=2, progress=False, clusters=CLUSTERS)
 
 
 @pytest.fixture
@@ -68,9 +70,38 @@ def test_centres_read_back_and_validate(embedded, smollm2_centres):
     centres = load_centers(read_facts(embedded))
     np.testing.assert_array_equal(centres.q_mean, smollm2_centres.q_mean)
     np.testing.assert_array_equal(centres.q_abs_mean, smollm2_centres.q_abs_mean)
+    np.testing.assert_array_equal(centres.cluster_mean, smollm2_centres.cluster_mean)
+    np.testing.assert_array_equal(centres.cluster_abs_mean, smollm2_centres.cluster_abs_mean)
+    assert centres.n_clusters == CLUSTERS and centres.cluster_mean.shape == (30, 9, CLUSTERS, 32)
     assert centres.calibration_tokens == CALIB_TOKENS
     r = centres.resultant_length
     assert r.shape == (30, 9, 32) and np.all((r >= 0) & (r <= 1 + 1e-6))
+
+
+def test_a_version_1_file_reads_as_one_cluster_per_head(embedded, smollm2_centres, tmp_path):
+    """Files embedded before the query clusters (schema version 1) keep working: the centre is each
+    head's one virtual query."""
+    old = tmp_path / "v1.gguf"
+    rewritten_copy(embedded, old, {"triattention.version": (1, gguf.GGUFValueType.UINT32, None),
+                                   **{f"triattention.{k}": (None, None, None) for k in (
+                                       "clusters", "cluster.q_mean_real", "cluster.q_mean_imag",
+                                       "cluster.q_abs_mean")}})
+    assert not any(k.startswith("triattention.cluster") for k in gguf.GGUFReader(old).fields)
+    centres = load_centers(read_facts(old))
+    assert centres.n_clusters == 1
+    np.testing.assert_array_equal(centres.cluster_mean[:, :, 0], smollm2_centres.q_mean)
+    np.testing.assert_array_equal(centres.cluster_abs_mean[:, :, 0], smollm2_centres.q_abs_mean)
+    llm = Llama(model_path=str(old), n_ctx=1024, n_threads=2, verbose=False, kv_compress="tri", kv_budget=64,
+                kv_divide_length=32)
+    llm("Once upon a time", max_tokens=120, temperature=0.0)
+    assert llm.kv_stats()["compressions"] > 0
+    # a version 2 file without its cluster count, or a version this release does not know, is refused
+    for version, dropped in ((2, ("clusters",)), (3, ())):
+        bad = tmp_path / f"v{version}.gguf"
+        rewritten_copy(embedded, bad, {"triattention.version": (version, gguf.GGUFValueType.UINT32, None),
+                                       **{f"triattention.{k}": (None, None, None) for k in dropped}})
+        with pytest.raises(CentersError, match="--force"):
+            read_centers(bad)
 
 
 def test_strip_restores_the_original_bytes(smollm2_path, embedded):
@@ -95,10 +126,19 @@ def test_cli_embed_inspect_force(smollm2_copy, tmp_path):
     assert forced.returncode == 0, forced.stderr
     assert read_centers(out).calibration_tokens == 400
 
+    assert read_centers(out).n_clusters == 1  # the default: the centre alone
+    clustered = cli("embed-centers", out, "--tokens", 300, "--clusters", 3, "--force", "--quiet")
+    assert clustered.returncode == 0 and "query clusters per head: 3" in clustered.stdout, clustered.stderr
+    assert read_centers(out).n_clusters == 3
+    too_many = cli("embed-centers", out, "--clusters", 65, "--force", "--quiet")
+    assert too_many.returncode == 2 and "--clusters 65 must be in [1, 64]" in too_many.stderr
+    assert read_centers(out).n_clusters == 3  # the refused run left the file alone
+
     png = tmp_path / "r.png"
     shown = cli("inspect", out, "--plot", png)
     assert shown.returncode == 0, shown.stderr
     assert "valid for this model" in shown.stdout and "R > 0.9" in shown.stdout and "layer  29" in shown.stdout
+    assert "query clusters per head (tri's virtual queries): 3" in shown.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

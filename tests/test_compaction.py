@@ -1,4 +1,6 @@
 """Compression inside llama.cpp's cache: the right rows move, per head, and decoding goes on."""
+import ctypes
+
 import numpy as np
 import pytest
 
@@ -414,8 +416,8 @@ def test_non_finite_scores_never_evict_the_newest_token(smollm2_path, smollm2_ce
     is kept in every head and decoding goes on."""
     import dataclasses
 
-    absurd = dataclasses.replace(smollm2_centres, q_mean=smollm2_centres.q_mean * np.float32(1e30),
-                                 q_abs_mean=smollm2_centres.q_abs_mean * np.float32(1e30))
+    absurd = dataclasses.replace(smollm2_centres, **{name: getattr(smollm2_centres, name) * np.float32(1e30) for name in (
+        "q_mean", "q_abs_mean", "cluster_mean", "cluster_abs_mean")})
     with loaded_model(smollm2_path) as model, open_ctx(model, False) as ctx:
         configure(ctx, "tri", BUDGET, DIVIDE, centers=absurd)
         tokens = tokenize(model, default_text()[:4000])
@@ -426,6 +428,27 @@ def test_non_finite_scores_never_evict_the_newest_token(smollm2_path, smollm2_ce
         decode(ctx, tokens[N_PROMPT:N_PROMPT + 3 * DIVIDE])  # more compressions, each decode succeeds
         assert stats(ctx)["compressions"] >= 3
         assert ll.llama_memory_seq_pos_max(ll.llama_get_memory(ctx), 0) == N_PROMPT + 3 * DIVIDE - 1
+
+
+def test_query_clusters_are_checked_against_the_model(smollm2_path, smollm2_centres):
+    """The C API refuses clusters before their centres, a count outside [1, 64], and arrays of
+    another size, with a message that says which."""
+    f32p = ctypes.POINTER(ctypes.c_float)
+    with loaded_model(smollm2_path) as model, open_ctx(model, False) as ctx:
+        values = np.zeros(30 * 9 * 2 * 32, dtype=np.float32)
+        ptr = values.ctypes.data_as(f32p)
+
+        def refused(n_clusters, n, message):
+            assert lib.triattention_set_clusters(ctx, ptr, ptr, ptr, n_clusters, n) == -1
+            assert message in lib.triattention_last_error().decode()
+
+        refused(2, values.size, "set the centres (triattention_set_centers) before their clusters")
+        configure(ctx, "tri", BUDGET, DIVIDE, centers=smollm2_centres)
+        refused(0, 0, "n_clusters 0 must be in [1, 64]")
+        refused(65, values.size, "n_clusters 65 must be in [1, 64]")
+        refused(3, values.size, f"clusters have {values.size} entries; this model needs n_layer * n_head * "
+                                f"n_clusters * head_dim/2 = {30 * 9 * 3 * 32}")
+        assert lib.triattention_set_clusters(ctx, ptr, ptr, ptr, 2, values.size) == 0
 
 
 def test_a_model_whose_every_layer_slides_is_refused_by_name(gemma3_path, tmp_path):

@@ -3,6 +3,8 @@
 The reference does what the op avoids: it undoes RoPE on every key and evaluates the
 trigonometric series at each future offset explicitly.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -27,20 +29,20 @@ def as_pairs(x: np.ndarray, rope_type: str) -> np.ndarray:
     return x[..., :half] + 1j * x[..., half:] if rope_type == "neox" else x[..., 0::2] + 1j * x[..., 1::2]
 
 
-def reference_scores(keys, pos, t, centres, omega_l, il, rotated):
-    """keys [n, n_head_kv, d] as stored; returns [n_head, n] scores."""
+def reference_scores(keys, pos, t, centres, omega_l, il, cluster, rotated):
+    """keys [n, n_head_kv, d] as stored; returns [n_head, n] scores against each head's cluster."""
     k = keys.astype(np.float64)
     if rotated:
         k = k @ hadamard(k.shape[-1])  # symmetric and its own inverse
     k_post = as_pairs(k, centres.rope_type)                              # [n, hkv, F]
     k_pre = k_post * np.exp(-1j * omega_l[None, None, :] * pos[:, None, None])
     gqa = centres.n_head // centres.n_head_kv
-    qbar = centres.q_mean[il].astype(np.complex128)                      # [H, F]
+    qbar = centres.cluster_mean[il, :, cluster].astype(np.complex128)    # [H, F]
     k_pre_h = np.repeat(k_pre, gqa, axis=1)                              # [n, H, F]
     dist = (t - pos)[:, None, None, None] + OFFSETS[None, None, None, :]  # [n, 1, 1, D]
     series = qbar[None, :, :, None] * np.conj(k_pre_h)[..., None] * np.exp(1j * omega_l[None, None, :, None] * dist)
     s_trig = series.real.sum(axis=2).mean(axis=-1)                       # [n, H]
-    weight = centres.q_abs_mean[il] - np.abs(centres.q_mean[il])
+    weight = centres.cluster_abs_mean[il, :, cluster] - np.abs(qbar)
     s_norm = (weight[None] * np.abs(np.repeat(k_post, gqa, axis=1))).sum(-1)
     return (s_trig + s_norm).T
 
@@ -48,7 +50,7 @@ def reference_scores(keys, pos, t, centres, omega_l, il, rotated):
 @pytest.fixture(scope="module")
 def centres_of(smollm2_path, qwen_path, gemma3_path):
     paths = {"smollm2": smollm2_path, "qwen": qwen_path, "gemma3": gemma3_path}
-    return {name: (path, compute_centers(path, max_tokens=256, n_threads=2, progress=False))
+    return {name: (path, compute_centers(path, max_tokens=256, n_threads=2, progress=False, clusters=4))
             for name, path in paths.items()}
 
 
@@ -64,29 +66,39 @@ def test_op_matches_numpy_reference(model, k_type, centres_of):
             assert ll.llama_decode(ctx, ll.llama_batch_get_one((ll.llama_token * len(tokens))(*tokens), len(tokens))) == 0
             omega = rope_omega(ctx, facts.n_layer, facts.head_dim)
             t = len(tokens) - 1 + 5000  # a compression point past the prompt: phases must be right far out
-            q, w = virtual_queries(centres, omega, t)
-            for il in (0, facts.n_layer // 2, facts.n_layer - 1):
-                scores, keys, pos = score_cache_layer(ctx, il, q[il], w[il], facts.n_head_kv)
+            q, w = by_cluster(centres, *virtual_queries(centres, omega, t))
+            assert centres.n_clusters > 1
+            for il, cluster in ((0, 0), (facts.n_layer // 2, centres.n_clusters - 1), (facts.n_layer - 1, 1)):
+                scores, keys, pos = score_cache_layer(ctx, il, q[il, :, cluster], w[il, :, cluster], facts.n_head_kv)
                 assert scores.shape == (facts.n_head, len(tokens))
                 np.testing.assert_array_equal(pos, np.arange(len(tokens)))
-                ref = reference_scores(keys, pos, t, centres, omega[il].astype(np.float64), il, k_type != "f16")
+                ref = reference_scores(keys, pos, t, centres, omega[il].astype(np.float64), il, cluster,
+                                       k_type != "f16")
                 scale = np.abs(ref).max()
                 np.testing.assert_allclose(scores, ref, rtol=0, atol=2e-5 * scale,
                                            err_msg=f"layer {il}, scale {scale:.3g}")
                 assert np.std(scores) > 1e-3 * scale  # not a constant
 
 
+def by_cluster(centres, q: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """virtual_queries' rows [layer][head * cluster] as [layer][head][cluster]."""
+    split = lambda a: a.reshape(centres.n_layer, centres.n_head, centres.n_clusters, -1)  # noqa: E731
+    return split(q), split(w)
+
+
 def z_scored(x: np.ndarray) -> np.ndarray:
     return (x - x.mean(-1, keepdims=True)) / (x.std(-1, keepdims=True) + 1e-6)
 
 
-@pytest.mark.parametrize("select, horizon, spread", [("per-layer-head", 65536, False), ("per-head", 65536, False),
-                                                     ("per-layer-head", 4, False), ("per-layer-head", 65536, True),
-                                                     ("per-head", 65536, True)])
+@pytest.mark.parametrize("select, horizon, spread, one_cluster", [
+    ("per-layer-head", 65536, False, False), ("per-head", 65536, False, False), ("per-layer-head", 4, False, False),
+    ("per-layer-head", 65536, True, False), ("per-head", 65536, True, False), ("per-layer-head", 65536, False, True)])
 @pytest.mark.parametrize("model", ["qwen", "gemma3"])
-def test_engine_keeps_the_top_budget_of_algorithm_md(model, select, horizon, spread, centres_of):
+def test_engine_keeps_the_top_budget_of_algorithm_md(model, select, horizon, spread, one_cluster, centres_of):
     """The kept sets equal a numpy aggregation of the op's scores (algorithm.md §4) with virtual
-    queries at the next token's position: z-score per (layer, head), max over each GQA group, then
+    queries at the next token's position, one per (layer, query head, query cluster): z-score per
+    virtual query, max over each KV head's (its GQA group's clusters; one_cluster: the centres of a
+    version 1 file, one per head), then
     per-layer-head: each layer's own; per-head: the mean over the compressed layers (Gemma 3: its
     full-attention layers, each with its own RoPE frequencies). Newest kept, top-B per row. A horizon
     of 4 averages the virtual queries over the future offsets 1, 2, 4 only. A KV head whose query
@@ -96,6 +108,8 @@ def test_engine_keeps_the_top_budget_of_algorithm_md(model, select, horizon, spr
     from triattention_gguf.compression import compress, compressed_layers, configure, last_kept
 
     path, centres = centres_of[model]
+    if one_cluster:
+        centres = dataclasses.replace(centres, cluster_mean=None, cluster_abs_mean=None)
     budget = 64
     concentration = centres.kv_head_concentration()
     min_concentration = float(np.median(concentration)) if spread else 0.0
@@ -109,14 +123,16 @@ def test_engine_keeps_the_top_budget_of_algorithm_md(model, select, horizon, spr
             arr = (ll.llama_token * len(tokens))(*tokens)
             assert ll.llama_decode(ctx, ll.llama_batch_get_one(arr, len(tokens))) == 0
             omega = rope_omega(ctx, facts.n_layer, facts.head_dim)
-            q, w = virtual_queries(centres, omega, len(tokens), future_offsets(horizon))  # the next token's position
+            # the next token's position
+            q, w = by_cluster(centres, *virtual_queries(centres, omega, len(tokens), future_offsets(horizon)))
             gqa = facts.n_head // facts.n_head_kv
             recency = z_scored(np.where(np.arange(len(tokens)) < 4, len(tokens), np.arange(len(tokens))).astype(float))
             per_layer = []
             layers = compressed_layers(ctx)
             for il in layers:
-                s = score_cache_layer(ctx, il, q[il], w[il], facts.n_head_kv)[0].astype(np.float64)
-                z = z_scored(s).reshape(facts.n_head_kv, gqa, -1).max(axis=1)
+                s = np.stack([score_cache_layer(ctx, il, q[il, :, k], w[il, :, k], facts.n_head_kv)[0]
+                              for k in range(centres.n_clusters)], axis=1).astype(np.float64)  # [head, cluster, cell]
+                z = z_scored(s).reshape(facts.n_head_kv, gqa * centres.n_clusters, -1).max(axis=1)
                 z[by_recency[il]] = recency
                 per_layer.append(z)
             total = np.array(per_layer) if select == "per-layer-head" else np.mean(per_layer, axis=0)[None]

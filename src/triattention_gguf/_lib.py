@@ -88,6 +88,7 @@ class CacheInfo(ctypes.Structure):
 _bind("triattention_default_params", Params)
 _bind("triattention_set_params", ctypes.c_int32, _vp, Params)
 _bind("triattention_set_centers", ctypes.c_int32, _vp, _f32p, _f32p, _f32p, ctypes.c_int64)
+_bind("triattention_set_clusters", ctypes.c_int32, _vp, _f32p, _f32p, _f32p, ctypes.c_int32, ctypes.c_int64)
 _bind("triattention_compress", ctypes.c_int32, _vp)
 _bind("triattention_get_cache_info", CacheInfo, _vp)
 _bind("triattention_cache_layers", ctypes.c_int32, _vp, _i32p, ctypes.c_int32)

@@ -3,7 +3,8 @@
 The statistics are accumulated inside our libllama by an eval callback on the
 graph (see cpp/triattention-calib.cpp), so any GGUF that llama.cpp runs,
 quantized included, is calibrated through exactly the computation that
-inference uses.
+inference uses. The query clusters come from a sample of the same queries:
+k-means per (layer, head), then each cluster's own statistics.
 """
 from __future__ import annotations
 
@@ -20,11 +21,16 @@ from tqdm import tqdm
 
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import Centers
+from triattention_gguf.methods import DEFAULT_CLUSTERS, MAX_CLUSTERS
 from triattention_gguf.modelinfo import ModelFacts, model_context, model_with_facts, tokenize
+from triattention_gguf.scoring import real_to_pairs
 
 DEFAULT_TOKENS = 32768
 MIN_TOKENS = 256
 DEFAULT_CHUNK = 2048
+CLUSTER_TOKENS = 8192      # the clusters come from this many sampled tokens at most,
+CLUSTER_BYTES = 512 << 20  # whose queries take this much memory at most
+KMEANS_ITERATIONS = 30
 _f32p = ctypes.POINTER(ctypes.c_float)
 
 
@@ -124,22 +130,96 @@ def calibration_run(model_path: str | os.PathLike, n_ctx: int = DEFAULT_CHUNK, k
                 yield CalibrationRun(facts, model, ctx, calib, n_ctx)
 
 
+class QuerySample:
+    """Every stride-th calibration token's pre-RoPE queries, [layer][token][head][head_dim]."""
+
+    def __init__(self, facts: ModelFacts, n_tokens: int):
+        per_token = facts.n_layer * facts.n_head * facts.head_dim * 4
+        self.stride = -(-n_tokens // max(1, min(CLUSTER_TOKENS, CLUSTER_BYTES // per_token)))
+        self.queries = np.empty((facts.n_layer, -(-n_tokens // self.stride), facts.n_head, facts.head_dim),
+                                dtype=np.float32)
+        self.n = 0
+
+    def add(self, run: CalibrationRun, start: int) -> None:
+        """The sampled tokens of the chunk that run decoded last, which began at token start."""
+        for il in range(run.facts.n_layer):
+            chunk = run.last_queries(il, post_rope=False)
+            taken = chunk[-start % self.stride::self.stride]
+            self.queries[il, self.n:self.n + len(taken)] = taken
+        self.n += len(taken)
+
+
+def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeds, [rows, k, d]: each next one drawn in proportion to the squared distance to the
+    nearest one so far, so that separate clusters get a seed each."""
+    rows = np.arange(len(x))
+    chosen = [rng.integers(0, x.shape[1], size=len(x))]
+    nearest = np.full(x.shape[:2], np.inf, dtype=np.float64)
+    for _ in range(1, k):
+        nearest = np.minimum(nearest, ((x - x[rows, chosen[-1]][:, None]) ** 2).sum(-1))
+        cumulative = np.cumsum(nearest, axis=1)
+        draw = rng.random(len(x)) * cumulative[:, -1]
+        chosen.append(np.minimum((cumulative < draw[:, None]).sum(1), x.shape[1] - 1))
+    return x[rows[:, None], np.stack(chosen, axis=1)]
+
+
+def kmeans_labels(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Lloyd's k-means of each row's points, x [rows, n, d] -> the cluster of each point [rows, n]."""
+    centres = kmeans_plus_plus(x, k, rng)
+    labels = None
+    for _ in range(KMEANS_ITERATIONS):
+        # the nearest centre: |x|^2 is the same for every centre of a point
+        distance = (centres ** 2).sum(-1)[:, None, :] - 2 * x @ centres.transpose(0, 2, 1)
+        new_labels = distance.argmin(-1)
+        if labels is not None and np.array_equal(new_labels, labels):
+            break
+        labels = new_labels
+        members = (labels[..., None] == np.arange(k)).astype(np.float32)  # [rows, n, k]
+        counts = members.sum(1)[..., None]
+        centres = np.where(counts > 0, members.transpose(0, 2, 1) @ x / np.maximum(counts, 1), centres)
+    return labels
+
+
+def cluster_statistics(sample: QuerySample, facts: ModelFacts, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each (layer, head)'s k clusters of the sampled queries: their mean pairs and mean pair
+    magnitudes, [n_layer, n_head, k, head_dim/2]. A cluster left empty gets the head's statistics."""
+    rng = np.random.default_rng(0)  # the same text gives the same clusters
+    mean = np.zeros((facts.n_layer, facts.n_head, k, facts.n_pairs), dtype=np.complex64)
+    magnitude = np.zeros(mean.shape, dtype=np.float32)
+    for il in range(facts.n_layer):
+        x = np.ascontiguousarray(sample.queries[il, :sample.n].transpose(1, 0, 2))  # [head, token, head_dim]
+        members = (kmeans_labels(x, k, rng)[..., None] == np.arange(k)).astype(np.float32).transpose(0, 2, 1)
+        counts = members.sum(-1)[..., None]
+        z = real_to_pairs(x, facts.rope_type, facts.n_rot).astype(np.complex64)
+        empty = counts == 0
+        mean[il] = np.where(empty, z.mean(1, keepdims=True), members @ z / np.maximum(counts, 1))
+        magnitude[il] = np.where(empty, np.abs(z).mean(1, keepdims=True), members @ np.abs(z) / np.maximum(counts, 1))
+    return mean, magnitude
+
+
 def compute_centers(model_path: str | os.PathLike, text: str | None = None, max_tokens: int = DEFAULT_TOKENS,
-                    chunk: int = DEFAULT_CHUNK, n_threads: int | None = None, progress: bool = True) -> Centers:
-    """Calibrate a model on text (default: Python's documentation) and return its centres."""
+                    chunk: int = DEFAULT_CHUNK, n_threads: int | None = None, progress: bool = True,
+                    clusters: int = DEFAULT_CLUSTERS) -> Centers:
+    """Calibrate a model on text (default: Python's documentation) and return its centres, with
+    `clusters` query clusters per head."""
     text = default_text() if text is None else text
     if max_tokens < MIN_TOKENS:
         raise CalibrationError(f"--tokens {max_tokens} is too few; calibration needs at least {MIN_TOKENS}")
-    with calibration_run(model_path, n_ctx=chunk, n_threads=n_threads) as run:
+    if not 1 <= clusters <= MAX_CLUSTERS:
+        raise CalibrationError(f"--clusters {clusters} must be in [1, {MAX_CLUSTERS}]")
+    with calibration_run(model_path, n_ctx=chunk, n_threads=n_threads, keep_last=clusters > 1) as run:
         facts, chunk = run.facts, run.n_ctx
         tokens = run.tokenize(text)[:max_tokens]
         if len(tokens) < MIN_TOKENS:
             raise CalibrationError(f"the calibration text has {len(tokens)} tokens; at least {MIN_TOKENS} are needed "
                                    "(give a longer --text, or leave it out to use the built-in text)")
+        sample = QuerySample(facts, len(tokens)) if clusters > 1 else None
         with tqdm(total=len(tokens), unit="tok", desc="calibrating", disable=not progress) as bar:
             for start in range(0, len(tokens), chunk):
                 piece = tokens[start:start + chunk]
                 run.decode(piece)
+                if sample is not None:
+                    sample.add(run, start)
                 bar.update(len(piece))
         q_mean, q_abs_mean = run.statistics()
         n_seen = run.n_tokens()
@@ -149,8 +229,10 @@ def compute_centers(model_path: str | os.PathLike, text: str | None = None, max_
     if broken.any():
         raise CalibrationError(f"{model_path}: the queries of layer {int(np.argmax(broken))} are not finite: a weight "
                                "of the model is NaN or infinite; the file is damaged, download or convert it again")
+    cluster_mean, cluster_abs_mean = (cluster_statistics(sample, facts, clusters) if sample is not None
+                                      else (None, None))
     return Centers(
         n_layer=facts.n_layer, n_head=facts.n_head, n_head_kv=facts.n_head_kv, head_dim=facts.head_dim,
         n_rot=facts.n_rot, rope_type=facts.rope_type, q_mean=q_mean, q_abs_mean=q_abs_mean,
         calibration_tokens=len(tokens), text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        model_fingerprint=facts.fingerprint)
+        model_fingerprint=facts.fingerprint, cluster_mean=cluster_mean, cluster_abs_mean=cluster_abs_mean)

@@ -16,10 +16,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from triattention_gguf.methods import MAX_CLUSTERS
 from triattention_gguf.modelinfo import ModelFacts, ModelFileError, open_gguf
 
 PREFIX = "triattention."
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added the query clusters; version 1 files read as one cluster per head
 _T = gguf.GGUFValueType
 
 
@@ -29,7 +30,9 @@ class CentersError(ValueError):
 
 @dataclass
 class Centers:
-    """Calibrated pre-RoPE query statistics of one model, [layer][query head][rotary pair]."""
+    """Calibrated pre-RoPE query statistics of one model, [layer][query head][rotary pair], and
+    the same statistics of each query cluster, [layer][query head][cluster][rotary pair]: tri
+    scores the keys against one virtual query per cluster (README.md, "Query clusters")."""
 
     n_layer: int
     n_head: int
@@ -42,6 +45,16 @@ class Centers:
     calibration_tokens: int
     text_sha256: str
     model_fingerprint: str
+    cluster_mean: np.ndarray | None = None      # complex64 [n_layer, n_head, n_clusters, head_dim/2]; None: q_mean
+    cluster_abs_mean: np.ndarray | None = None  # float32   [n_layer, n_head, n_clusters, head_dim/2]
+
+    def __post_init__(self):
+        if self.cluster_mean is None:  # one cluster: the centre itself
+            self.cluster_mean, self.cluster_abs_mean = self.q_mean[:, :, None], self.q_abs_mean[:, :, None]
+
+    @property
+    def n_clusters(self) -> int:
+        return self.cluster_mean.shape[2]
 
     @property
     def resultant_length(self) -> np.ndarray:
@@ -50,12 +63,20 @@ class Centers:
 
     def head_concentration(self) -> np.ndarray:
         """[n_layer, n_head] R of a whole head: its bands weighted by their mean magnitude."""
-        return np.abs(self.q_mean).sum(-1) / np.maximum(self.q_abs_mean.sum(-1), np.finfo(np.float32).tiny)
+        return _concentration(self.q_mean, self.q_abs_mean)
+
+    def cluster_concentration(self) -> np.ndarray:
+        """[n_layer, n_head, n_clusters] R of each query cluster, as of a head."""
+        return _concentration(self.cluster_mean, self.cluster_abs_mean)
 
     def kv_head_concentration(self) -> np.ndarray:
         """[n_layer, n_head_kv] the mean R of each KV head's query heads: tri scores the KV heads
         below its min_concentration by recency (cpp/triattention-scorer-tri.cpp)."""
         return self.head_concentration().reshape(self.n_layer, self.n_head_kv, -1).mean(-1)
+
+
+def _concentration(mean: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
+    return np.abs(mean).sum(-1) / np.maximum(magnitude.sum(-1), np.finfo(np.float32).tiny)
 
 
 # key (after PREFIX) -> (GGUF value type, array item type)
@@ -73,7 +94,12 @@ _SCHEMA = {
     "calibration.tokens": (_T.UINT64, None),
     "calibration.text_sha256": (_T.STRING, None),
     "model_fingerprint": (_T.STRING, None),
+    "clusters": (_T.UINT32, None),
+    "cluster.q_mean_real": (_T.ARRAY, _T.FLOAT32),
+    "cluster.q_mean_imag": (_T.ARRAY, _T.FLOAT32),
+    "cluster.q_abs_mean": (_T.ARRAY, _T.FLOAT32),
 }
+_ADDED_IN_2 = ("clusters", "cluster.q_mean_real", "cluster.q_mean_imag", "cluster.q_abs_mean")
 
 
 def _values(c: Centers) -> dict[str, object]:
@@ -83,7 +109,9 @@ def _values(c: Centers) -> dict[str, object]:
         "head_dim": c.head_dim, "n_rot": c.n_rot, "rope_type": c.rope_type,
         "q_mean_real": flat(c.q_mean.real), "q_mean_imag": flat(c.q_mean.imag), "q_abs_mean": flat(c.q_abs_mean),
         "calibration.tokens": c.calibration_tokens, "calibration.text_sha256": c.text_sha256,
-        "model_fingerprint": c.model_fingerprint,
+        "model_fingerprint": c.model_fingerprint, "clusters": c.n_clusters,
+        "cluster.q_mean_real": flat(c.cluster_mean.real), "cluster.q_mean_imag": flat(c.cluster_mean.imag),
+        "cluster.q_abs_mean": flat(c.cluster_abs_mean),
     }
 
 
@@ -107,15 +135,16 @@ def _read_fields(reader: gguf.GGUFReader) -> dict[str, object]:
     return out
 
 
-def _check_values(where: str, re: np.ndarray, im: np.ndarray, absm: np.ndarray, tokens: int) -> None:
-    """Centres are means: finite, magnitudes at least the magnitude of the mean, from a positive token count."""
+def _check_values(where: str, re: np.ndarray, im: np.ndarray, absm: np.ndarray, tokens: int, prefix: str = "") -> None:
+    """Centres are means: finite, magnitudes at least the magnitude of the mean, from a positive token
+    count. prefix: "cluster." for the clusters' arrays."""
     redo = f"re-embed with `triattention-gguf embed-centers --force {where}`"
     if not (np.all(np.isfinite(re)) and np.all(np.isfinite(im)) and np.all(np.isfinite(absm))):
-        raise CentersError(f"{where}: the TriAttention centres contain NaN or infinity; {redo}")
+        raise CentersError(f"{where}: the TriAttention {prefix}centres contain NaN or infinity; {redo}")
     if np.any(absm < 0):
-        raise CentersError(f"{where}: triattention.q_abs_mean has negative values (it is a mean magnitude); {redo}")
+        raise CentersError(f"{where}: {PREFIX}{prefix}q_abs_mean has negative values (it is a mean magnitude); {redo}")
     if np.any(absm < np.hypot(re, im) * (1 - 1e-4) - 1e-6):
-        raise CentersError(f"{where}: triattention.q_abs_mean is below the magnitude of the mean query somewhere "
+        raise CentersError(f"{where}: {PREFIX}{prefix}q_abs_mean is below the magnitude of the mean query somewhere "
                            f"(a mean magnitude never is); {redo}")
     if np.any(np.maximum(absm, np.hypot(re, im)) > 1e15):
         raise CentersError(f"{where}: the TriAttention centres hold values above 1e15, no query is that large; {redo}")
@@ -129,25 +158,41 @@ def centers_from_reader(reader: gguf.GGUFReader) -> Centers | None:
     if not f:
         return None
     where = reader.path
-    missing = [k for k in _SCHEMA if k not in f]
+    redo = f"re-embed with `triattention-gguf embed-centers --force {where}`"
+    if "version" in f and f["version"] not in (1, SCHEMA_VERSION):
+        raise CentersError(f"{where}: TriAttention metadata version {f['version']} is not supported "
+                           f"(this release reads versions 1 and {SCHEMA_VERSION}); {redo}")
+    version = f.get("version", SCHEMA_VERSION)
+    missing = [k for k in _SCHEMA if k not in f and (version >= 2 or k not in _ADDED_IN_2)]
     if missing:
         raise CentersError(f"{where}: incomplete TriAttention metadata (missing {', '.join(PREFIX + k for k in missing)}); "
-                           f"re-embed with `triattention-gguf embed-centers --force {where}`")
-    if f["version"] != SCHEMA_VERSION:
-        raise CentersError(f"{where}: TriAttention metadata version {f['version']} is not supported "
-                           f"(this release reads version {SCHEMA_VERSION}); re-embed with --force")
+                           f"{redo}")
     shape = (int(f["n_layer"]), int(f["n_head"]), int(f["head_dim"]) // 2)
-    arrays = [f[k] for k in ("q_mean_real", "q_mean_imag", "q_abs_mean")]
-    if any(a.size != np.prod(shape) for a in arrays):
-        raise CentersError(f"{where}: TriAttention arrays do not have n_layer*n_head*head_dim/2 = {np.prod(shape)} "
-                           "entries; re-embed with --force")
-    re, im, absm = (a.reshape(shape) for a in arrays)
-    _check_values(where, re, im, absm, int(f["calibration.tokens"]))
+    re, im, absm = _arrays(where, f, "", shape, "n_layer*n_head*head_dim/2", redo)
+    tokens = int(f["calibration.tokens"])
+    _check_values(where, re, im, absm, tokens)
+    clusters = {}
+    if version >= 2:
+        if not 1 <= int(f["clusters"]) <= MAX_CLUSTERS:
+            raise CentersError(f"{where}: {PREFIX}clusters is {f['clusters']}, not in [1, {MAX_CLUSTERS}]; {redo}")
+        shape = shape[:2] + (int(f["clusters"]),) + shape[2:]
+        c_re, c_im, c_abs = _arrays(where, f, "cluster.", shape, "n_layer*n_head*clusters*head_dim/2", redo)
+        _check_values(where, c_re, c_im, c_abs, tokens, "cluster.")
+        clusters = {"cluster_mean": (c_re + 1j * c_im).astype(np.complex64), "cluster_abs_mean": c_abs}
     return Centers(
         n_layer=shape[0], n_head=shape[1], n_head_kv=int(f["n_head_kv"]), head_dim=int(f["head_dim"]),
         n_rot=int(f["n_rot"]), rope_type=str(f["rope_type"]), q_mean=(re + 1j * im).astype(np.complex64),
-        q_abs_mean=absm.astype(np.float32), calibration_tokens=int(f["calibration.tokens"]),
-        text_sha256=str(f["calibration.text_sha256"]), model_fingerprint=str(f["model_fingerprint"]))
+        q_abs_mean=absm.astype(np.float32), calibration_tokens=tokens,
+        text_sha256=str(f["calibration.text_sha256"]), model_fingerprint=str(f["model_fingerprint"]), **clusters)
+
+
+def _arrays(where: str, f: dict, prefix: str, shape: tuple, size: str, redo: str) -> list[np.ndarray]:
+    """The real, imaginary and magnitude arrays under prefix, in shape."""
+    arrays = [f[prefix + k] for k in ("q_mean_real", "q_mean_imag", "q_abs_mean")]
+    if any(a.size != np.prod(shape) for a in arrays):
+        raise CentersError(f"{where}: TriAttention {prefix}arrays do not have {size} = {np.prod(shape)} entries; "
+                           f"{redo}")
+    return [a.reshape(shape).astype(np.float32) for a in arrays]
 
 
 def has_centers(path: str | os.PathLike) -> bool:
@@ -170,8 +215,9 @@ def validate(centers: Centers, facts: ModelFacts) -> None:
         raise CentersError(f"{facts.path}: the TriAttention centres in this file were computed for another model "
                            f"({'; '.join(wrong)}); re-embed them with "
                            f"`triattention-gguf embed-centers --force {facts.path}`")
-    _check_values(facts.path, centers.q_mean.real, centers.q_mean.imag, centers.q_abs_mean,
-                  centers.calibration_tokens)
+    for mean, magnitude, prefix in ((centers.q_mean, centers.q_abs_mean, ""),
+                                    (centers.cluster_mean, centers.cluster_abs_mean, "cluster.")):
+        _check_values(facts.path, mean.real, mean.imag, magnitude, centers.calibration_tokens, prefix)
 
 
 def load_centers(facts: ModelFacts) -> Centers:
@@ -223,7 +269,9 @@ def _verify_copy(original: gguf.GGUFReader, path: Path, centers: Centers | None)
     stored = centers_from_reader(copy)
     if centers is None and stored is not None:
         raise OSError(f"verification of {path} failed: centres still present")
-    if centers is not None and (stored is None or not np.array_equal(stored.q_mean, centers.q_mean.astype(np.complex64))):
+    if centers is not None and (stored is None or not all(
+            np.array_equal(getattr(stored, a), getattr(centers, a).astype(np.complex64))
+            for a in ("q_mean", "cluster_mean"))):
         raise OSError(f"verification of {path} failed: centres do not read back")
 
 

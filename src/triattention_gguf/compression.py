@@ -59,6 +59,10 @@ def physical_cells(budget: int, divide_length: int, n_ubatch: int, n_swa: int = 
     return max(budget + divide_length + n_ubatch, n_swa + n_ubatch if n_swa else 0)
 
 
+def _flat_f32(*arrays: np.ndarray) -> list[np.ndarray]:
+    return [np.ascontiguousarray(a, dtype=np.float32).reshape(-1) for a in arrays]
+
+
 def configure(ctx, method: str, budget: int = 2048, divide_length: int = 128, select: str = DEFAULT_SELECT,
               seed: int = 0, centers: Centers | None = None, keep_recent: int = 0, horizon: int = MAX_HORIZON,
               min_concentration: float = MIN_CONCENTRATION) -> None:
@@ -67,10 +71,12 @@ def configure(ctx, method: str, budget: int = 2048, divide_length: int = 128, se
     and keeps the newest tokens in the heads whose concentration is below min_concentration."""
     check_arguments(method, budget, divide_length, select, keep_recent, horizon, min_concentration)
     if centers is not None:
-        arrays = [np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
-                  for a in (centers.q_mean.real, centers.q_mean.imag, centers.q_abs_mean)]
+        arrays = _flat_f32(centers.q_mean.real, centers.q_mean.imag, centers.q_abs_mean)
         _check(lib.triattention_set_centers(ctx, *(a.ctypes.data_as(_f32p) for a in arrays), arrays[0].size),
                "centres")
+        arrays = _flat_f32(centers.cluster_mean.real, centers.cluster_mean.imag, centers.cluster_abs_mean)
+        _check(lib.triattention_set_clusters(ctx, *(a.ctypes.data_as(_f32p) for a in arrays), centers.n_clusters,
+                                             arrays[0].size), "query clusters")
     params = lib.triattention_default_params()
     params.method, params.budget, params.divide_length = METHODS[method], budget, divide_length
     params.select, params.seed, params.keep_recent, params.horizon = SELECT_MODES[select], seed, keep_recent, horizon

@@ -63,6 +63,8 @@ def report(path: str | os.PathLike) -> tuple[str, Centers | None]:
     lines += [
         f"centres: {status}",
         f"  calibrated on {centers.calibration_tokens} tokens, text sha256 {centers.text_sha256[:16]}...",
+        f"  query clusters per head (tri's virtual queries): {centers.n_clusters}, "
+        f"median R of a cluster {np.median(centers.cluster_concentration()):.3f}",
         *concentration_lines(centers),
     ]
     return "\n".join(lines), centers

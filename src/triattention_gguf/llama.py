@@ -95,7 +95,7 @@ class Llama(llama_cpp.Llama):
             centres = load_centers(facts) if kv_compress == "tri" else None
             if centres is not None:
                 self._centres_sha256 = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in (
-                    centres.q_mean, centres.q_abs_mean))).hexdigest()
+                    centres.q_mean, centres.q_abs_mean, centres.cluster_mean, centres.cluster_abs_mean))).hexdigest()
             logical_n_ctx = logical_n_ctx or facts.n_ctx_train
             n_ubatch = kwargs.setdefault("n_ubatch", prompt_ubatch(kv_budget, kv_divide_length))
             kwargs["n_ctx"] = physical_cells(kv_budget, kv_divide_length, n_ubatch, facts.n_swa)

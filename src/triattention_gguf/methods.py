@@ -8,4 +8,8 @@ MAX_HORIZON = 65536  # tri's largest future offset, the reference's 2^16 (cpp/tr
 # this) by recency (cpp/triattention.h); by default none, as the reference: BENCHMARKS.md, "Spread
 # heads", has the evals (it helps SmolLM2 at 0.72 and costs Qwen2.5)
 MIN_CONCENTRATION = 0.0
+MAX_CLUSTERS = 64  # query clusters per head at most (cpp/triattention.h)
+# embed-centers' query clusters per head: the centre alone, as the paper; more keep more on long
+# text at a cost in compression time (BENCHMARKS.md, "Query clusters")
+DEFAULT_CLUSTERS = 1
 DEFAULT_SELECT = "per-layer-head"  # the reference's mode; BENCHMARKS.md has the evals that chose it

@@ -43,15 +43,27 @@ def pairs_to_real(z: np.ndarray, rope_type: str, n_rot: int) -> np.ndarray:
     return x
 
 
+def real_to_pairs(x: np.ndarray, rope_type: str, n_rot: int) -> np.ndarray:
+    """The inverse of pairs_to_real: [..., head_dim] real -> [..., head_dim/2] complex."""
+    half_rot = n_rot // 2
+    if rope_type == "neox":
+        rotated = x[..., :half_rot] + 1j * x[..., half_rot:n_rot]
+    else:
+        rotated = x[..., 0:n_rot:2] + 1j * x[..., 1:n_rot:2]
+    return np.concatenate([rotated, x[..., n_rot::2] + 1j * x[..., n_rot + 1::2]], axis=-1)
+
+
 def virtual_queries(centers: Centers, omega: np.ndarray, t: int,
                     offsets: np.ndarray = OFFSETS) -> tuple[np.ndarray, np.ndarray]:
-    """(q [n_layer, n_head, head_dim], w [n_layer, n_head, head_dim/2]) float32 for position t.
+    """(q [n_layer, n_head * n_clusters, head_dim], w [n_layer, n_head * n_clusters, head_dim/2])
+    float32 for position t, one row per (query head, cluster), a head's clusters adjacent.
     omega: [n_layer, head_dim/2] angular frequencies (0 for unrotated pairs)."""
     omega = omega.astype(np.float64)
     phase = np.exp(1j * omega * t) * np.exp(1j * omega[..., None] * offsets).mean(axis=-1)
-    v = centers.q_mean.astype(np.complex128) * phase[:, None, :]
-    q = pairs_to_real(v, centers.rope_type, centers.n_rot).astype(np.float32)
-    w = (centers.q_abs_mean.astype(np.float64) - np.abs(centers.q_mean)).astype(np.float32)
+    mean = centers.cluster_mean.reshape(centers.n_layer, -1, centers.head_dim // 2).astype(np.complex128)
+    magnitude = centers.cluster_abs_mean.reshape(mean.shape).astype(np.float64)
+    q = pairs_to_real(mean * phase[:, None, :], centers.rope_type, centers.n_rot).astype(np.float32)
+    w = (magnitude - np.abs(mean)).astype(np.float32)
     return q, w
 
 
