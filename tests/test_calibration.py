@@ -6,6 +6,7 @@ from triattention_gguf import calibrate
 from triattention_gguf._lib import llama_cpp_bindings as ll
 from triattention_gguf.calibrate import calibration_run, compute_centers, default_text, kmeans_labels
 from triattention_gguf.modelinfo import rope_omega
+from triattention_gguf.scoring import pairs_to_real, real_to_pairs
 
 N_TOKENS = 192
 
@@ -135,3 +136,15 @@ def test_clusters_are_the_statistics_of_the_sampled_queries(smollm2_path, monkey
                                            rtol=1e-4, atol=1e-4)
     # the clusters split the heads' queries: each is more concentrated than its head
     assert np.median(centres.cluster_concentration()) > np.median(centres.head_concentration()) + 0.05
+
+
+@pytest.mark.parametrize("rope_type", ["norm", "neox"])
+@pytest.mark.parametrize("n_rot", [8, 4])
+def test_real_to_pairs_inverts_pairs_to_real(rope_type, n_rot):
+    """Partial rotary (n_rot < head_dim) included: the unrotated tail pairs are adjacent."""
+    x = np.random.default_rng(0).normal(size=(3, 8))
+    z = real_to_pairs(x, rope_type, n_rot)
+    assert z.shape == (3, 4)
+    np.testing.assert_array_equal(pairs_to_real(z, rope_type, n_rot), x)
+    if n_rot == 8:  # full rotary: the pairing of the graph's rope (the tests above)
+        np.testing.assert_array_equal(z, _as_pairs(x, rope_type))

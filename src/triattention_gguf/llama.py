@@ -94,8 +94,10 @@ class Llama(llama_cpp.Llama):
             facts = read_facts(model_path)
             centres = load_centers(facts) if kv_compress == "tri" else None
             if centres is not None:
+                # one cluster is the centre: states saved before there were clusters still match
+                clusters = (centres.cluster_mean, centres.cluster_abs_mean) if centres.n_clusters > 1 else ()
                 self._centres_sha256 = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in (
-                    centres.q_mean, centres.q_abs_mean, centres.cluster_mean, centres.cluster_abs_mean))).hexdigest()
+                    centres.q_mean, centres.q_abs_mean, *clusters))).hexdigest()
             logical_n_ctx = logical_n_ctx or facts.n_ctx_train
             n_ubatch = kwargs.setdefault("n_ubatch", prompt_ubatch(kv_budget, kv_divide_length))
             kwargs["n_ctx"] = physical_cells(kv_budget, kv_divide_length, n_ubatch, facts.n_swa)
