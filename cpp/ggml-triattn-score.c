@@ -1,4 +1,4 @@
-// ggml_triattn_score: the graph constructor of the TriAttention key-scoring op
+// ggml_triattn_score and ggml_triattn_zmax: the graph constructors of the TriAttention ops
 // (declared in ggml.h by patches/0001; CPU in triattn-score-cpu.cpp, CUDA in triattn-score.cu).
 #include "ggml.h"
 #include "ggml-impl.h"
@@ -30,6 +30,28 @@ struct ggml_tensor * ggml_triattn_score(
     result->src[0] = k;
     result->src[1] = q;
     result->src[2] = w;
+
+    return result;
+}
+
+struct ggml_tensor * ggml_triattn_zmax(
+        struct ggml_context * ctx,
+        struct ggml_tensor  * s,
+        struct ggml_tensor  * valid,
+        int                   n_group) {
+    GGML_ASSERT(s->type == GGML_TYPE_F32 && valid->type == GGML_TYPE_F32);
+    GGML_ASSERT(ggml_is_contiguous(s) && ggml_is_contiguous(valid));
+    GGML_ASSERT(s->ne[2] == 1 && s->ne[3] == 1 && ggml_nelements(valid) == s->ne[0]);
+    GGML_ASSERT(n_group > 0 && s->ne[1] % n_group == 0);
+
+    struct ggml_tensor * result = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, s->ne[0], s->ne[1] / n_group);
+
+    const int32_t params[] = { n_group };
+    ggml_set_op_params(result, params, sizeof(params));
+
+    result->op     = GGML_OP_TRIATTN_ZMAX;
+    result->src[0] = s;
+    result->src[1] = valid;
 
     return result;
 }

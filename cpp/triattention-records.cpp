@@ -66,7 +66,6 @@ triattention_candidates triattention_gather(const triattention_records & rec, co
         }
         if (any) {
             c.valid[i] = 1.0f;
-            c.n_valid++;
         }
     }
     return c;

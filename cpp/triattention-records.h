@@ -40,7 +40,6 @@ struct triattention_candidates {
     int32_t n_head_kv = 0;
     std::vector<llama_pos> pos;    // [group][head][cell]: the token's position, -1 for an empty cell
     std::vector<float>     valid;  // [cell]: 1 for a used cell
-    int32_t   n_valid = 0;
     llama_pos newest  = -1;
 
     const llama_pos * row(int64_t r) const { return pos.data() + r * n_kv; }  // r = group * n_head_kv + head

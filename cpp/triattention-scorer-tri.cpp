@@ -15,14 +15,6 @@
 
 namespace {
 
-// z-score each row (query head) over the valid cells: (s - mean) / (std + eps); empty cells -> 0.
-ggml_tensor * znorm(ggml_context * g, ggml_tensor * s, ggml_tensor * valid, float n_valid) {
-    ggml_tensor * mean = ggml_scale(g, ggml_sum_rows(g, ggml_mul(g, s, valid)), 1.0f / n_valid);
-    ggml_tensor * centred = ggml_mul(g, ggml_sub(g, s, mean), valid);
-    ggml_tensor * var = ggml_scale(g, ggml_sum_rows(g, ggml_sqr(g, centred)), 1.0f / n_valid);
-    return ggml_div(g, centred, ggml_scale_bias(g, ggml_sqrt(g, var), 1.0f, 1e-6f));
-}
-
 class tri_scorer : public triattention_scorer {
 public:
     tri_scorer(const triattention_centres & centres, int32_t horizon, float min_concentration)
@@ -49,8 +41,8 @@ public:
             ggml_tensor * w = ggml_view_2d(g.get(), w_all, head_dim / 2, n_virtual, w_all->nb[1], li * w_all->nb[2]);
             ggml_tensor * keys = triattention_keys(g.get(), kv, hp, il, c.n_kv);
             ggml_tensor * s = triattention_score_keys(g.get(), kv, hp, il, keys, q, w);
-            triattention_add_layer_output(g.get(), gf, outputs, triattention_gqa_max(g.get(),
-                                          znorm(g.get(), s, valid, (float) c.n_valid), c.n_head_kv));
+            triattention_add_layer_output(g.get(), gf, outputs,
+                                          ggml_triattn_zmax(g.get(), s, valid, (int) (n_virtual / c.n_head_kv)));
         }
         std::vector<float> q, w;
         virtual_queries(ctx, layers, c.newest + 1, head_dim, n_head, q, w);

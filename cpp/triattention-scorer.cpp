@@ -10,12 +10,6 @@ ggml_tensor * triattention_max2(ggml_context * g, ggml_tensor * a, ggml_tensor *
     return ggml_scale(g, ggml_add(g, ggml_add(g, a, b), ggml_abs(g, ggml_sub(g, a, b))), 0.5f);
 }
 
-ggml_tensor * triattention_gqa_max(ggml_context * g, ggml_tensor * z, int64_t n_head_kv) {
-    const int n_group = (int) (z->ne[1] / n_head_kv);
-    // a group's rows are adjacent: one max pool over them (a chain of max2 would take a few nodes per row)
-    return n_group == 1 ? z : ggml_pool_2d(g, z, GGML_OP_POOL_MAX, 1, n_group, 1, n_group, 0.0f, 0.0f);
-}
-
 // One set per candidate group, value(position) for each held token, 0 for an empty cell.
 template <typename F>
 static void per_position(const triattention_candidates & c, triattention_scores & out, F && value) {

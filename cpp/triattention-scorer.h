@@ -60,10 +60,6 @@ constexpr int TRIATTENTION_N_SINKS  = 4;  // streaming: attention sinks at the s
 // Elementwise max(a, b) from ops that every backend has.
 ggml_tensor * triattention_max2(ggml_context * g, ggml_tensor * a, ggml_tensor * b);
 
-// [n_kv, n_rows] -> [n_kv, n_head_kv]: max over the rows of each KV head (its GQA group's query
-// heads, or their clusters), which are adjacent.
-ggml_tensor * triattention_gqa_max(ggml_context * g, ggml_tensor * z, int64_t n_head_kv);
-
 // Computes gf on the cache's backends (set_inputs fills its inputs), then reads per_layer, each
 // [n_kv, n_head_kv] f32, into out as one set per layer.
 template <typename F>

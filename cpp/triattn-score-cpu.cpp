@@ -1,5 +1,7 @@
-// CPU implementation of GGML_OP_TRIATTN_SCORE: threads split the cells; each cached key
-// row is converted to f32 once and scored against every query head of its GQA group.
+// CPU implementations of GGML_OP_TRIATTN_SCORE and GGML_OP_TRIATTN_ZMAX.
+// Scoring: threads split the cells; a tile of cells' keys is converted to f32 features (the key,
+// then its pair norms) once, and scored against a KV head's query rows in register blocks: with
+// query clusters a KV head has dozens of rows, and one dot product per row was most of the time.
 #include "triattn-score-cpu.h"
 #include "triattn-hadamard.h"
 #include "triattn-pairs.h"
@@ -8,59 +10,208 @@
 #include "ggml-cpu.h"
 #include "vec.h"
 
+#include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <vector>
 
-void ggml_compute_forward_triattn_score(const ggml_compute_params * params, ggml_tensor * dst) {
-    const ggml_tensor * k = dst->src[0];
-    const ggml_tensor * q = dst->src[1];
-    const ggml_tensor * w = dst->src[2];
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
+namespace {
+
+constexpr int TILE_CELLS = 4;
+
+struct score_shape {
+    int     head_dim, n_feat;  // n_feat: head_dim key dims, then head_dim / 2 pair norms
+    int64_t n_head_kv, n_kv, n_gqa, n_block;
+};
+
+// The query rows of each KV head as [KV head][block][feature][ROWS], zero-padded to whole blocks:
+// the dims of q, then the pair weights of w.
+template <int ROWS>
+std::vector<float> pack_queries(const ggml_tensor * q, const ggml_tensor * w, const score_shape & sh) {
+    std::vector<float> packed((size_t) sh.n_head_kv * sh.n_block * sh.n_feat * ROWS, 0.0f);
+    for (int64_t hk = 0; hk < sh.n_head_kv; ++hk) {
+        for (int64_t j = 0; j < sh.n_gqa; ++j) {
+            const int64_t h = hk * sh.n_gqa + j;
+            const float * qh = (const float *) ((const char *) q->data + h * q->nb[1]);
+            const float * wh = (const float *) ((const char *) w->data + h * w->nb[1]);
+            float * dst = packed.data() + ((size_t) (hk * sh.n_block + j / ROWS) * sh.n_feat) * ROWS + j % ROWS;
+            for (int i = 0; i < sh.n_feat; ++i) {
+                dst[(size_t) i * ROWS] = i < sh.head_dim ? qh[i] : wh[i - sh.head_dim];
+            }
+        }
+    }
+    return packed;
+}
+
+// The features of the key of cell c in KV head hk.
+void key_features(const ggml_tensor * k, int64_t c, int64_t hk, bool neox, int n_rot, bool hadamard,
+                  const score_shape & sh, float * feat) {
+    const char * row = (const char *) k->data + c * k->nb[2] + hk * k->nb[1];
+    switch (k->type) {
+        case GGML_TYPE_F32: std::copy((const float *) row, (const float *) row + sh.head_dim, feat); break;
+        case GGML_TYPE_F16: ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) row, feat, sh.head_dim); break;
+        default:            ggml_get_type_traits(k->type)->to_float(row, feat, sh.head_dim); break;
+    }
+    if (hadamard) {
+        triattn_fwht(feat, sh.head_dim);
+    }
+    for (int f = 0; f < sh.head_dim / 2; ++f) {
+        int re, im;
+        triattn_pair_dims(f, neox, n_rot, &re, &im);
+        feat[sh.head_dim + f] = std::sqrt(feat[re] * feat[re] + feat[im] * feat[im]);
+    }
+}
+
+// acc[t][j] = sum_i feat[t][i] * p[i][j]: a tile of cells against a block of query rows.
+template <int ROWS>
+void tile_dot(const float * feat, int n_feat, const float * p, float (*acc)[ROWS]) {
+#if defined(__AVX2__) && defined(__FMA__)
+    // the accumulators stay in registers: TILE_CELLS x ROWS / 8 of them
+    constexpr int NV = ROWS / 8;
+    __m256 a[TILE_CELLS][NV];
+    for (int t = 0; t < TILE_CELLS; ++t) {
+        for (int v = 0; v < NV; ++v) {
+            a[t][v] = _mm256_setzero_ps();
+        }
+    }
+    for (int i = 0; i < n_feat; ++i) {
+        __m256 pv[NV];
+        for (int v = 0; v < NV; ++v) {
+            pv[v] = _mm256_loadu_ps(p + (size_t) i * ROWS + 8 * v);
+        }
+        for (int t = 0; t < TILE_CELLS; ++t) {
+            const __m256 x = _mm256_broadcast_ss(feat + (size_t) t * n_feat + i);
+            for (int v = 0; v < NV; ++v) {
+                a[t][v] = _mm256_fmadd_ps(x, pv[v], a[t][v]);
+            }
+        }
+    }
+    for (int t = 0; t < TILE_CELLS; ++t) {
+        for (int v = 0; v < NV; ++v) {
+            _mm256_storeu_ps(acc[t] + 8 * v, a[t][v]);
+        }
+    }
+#else
+    for (int t = 0; t < TILE_CELLS; ++t) {
+        std::fill_n(acc[t], ROWS, 0.0f);
+        for (int i = 0; i < n_feat; ++i) {
+            for (int j = 0; j < ROWS; ++j) {
+                acc[t][j] += feat[(size_t) t * n_feat + i] * p[(size_t) i * ROWS + j];
+            }
+        }
+    }
+#endif
+}
+
+template <int ROWS>
+void score_cells(const ggml_compute_params * params, ggml_tensor * dst, const score_shape & sh) {
+    const ggml_tensor * k = dst->src[0];
     const bool neox     = ggml_get_op_params_i32(dst, 0) != 0;
     const int  n_rot    = ggml_get_op_params_i32(dst, 1);
     const bool hadamard = ggml_get_op_params_i32(dst, 2) != 0;
 
-    const int     head_dim  = (int) k->ne[0];
-    const int     n_pairs   = head_dim / 2;
-    const int64_t n_head_kv = k->ne[1];
-    const int64_t n_kv      = k->ne[2];
-    const int64_t n_head    = q->ne[1];
-    const int64_t n_gqa     = n_head / n_head_kv;
+    const std::vector<float> packed = pack_queries<ROWS>(dst->src[1], dst->src[2], sh);
+    std::vector<float> feat((size_t) TILE_CELLS * sh.n_feat);
+    float * out = (float *) dst->data;
 
-    const ggml_to_float_t to_float = ggml_get_type_traits(k->type)->to_float;
+    const int64_t per_thread = (sh.n_kv + params->nth - 1) / params->nth;
+    const int64_t c0 = per_thread * params->ith;
+    const int64_t c1 = std::min(sh.n_kv, c0 + per_thread);
+    for (int64_t c = c0; c < c1; c += TILE_CELLS) {
+        const int n_cells = (int) std::min<int64_t>(TILE_CELLS, c1 - c);
+        for (int64_t hk = 0; hk < sh.n_head_kv; ++hk) {
+            for (int t = 0; t < TILE_CELLS; ++t) {
+                if (t < n_cells) {
+                    key_features(k, c + t, hk, neox, n_rot, hadamard, sh, feat.data() + (size_t) t * sh.n_feat);
+                } else {
+                    std::fill_n(feat.data() + (size_t) t * sh.n_feat, sh.n_feat, 0.0f);
+                }
+            }
+            for (int64_t b = 0; b < sh.n_block; ++b) {
+                const float * p = packed.data() + (size_t) (hk * sh.n_block + b) * sh.n_feat * ROWS;
+                float acc[TILE_CELLS][ROWS];
+                tile_dot<ROWS>(feat.data(), sh.n_feat, p, acc);
+                const int n_rows = (int) std::min<int64_t>(ROWS, sh.n_gqa - b * ROWS);
+                for (int j = 0; j < n_rows; ++j) {
+                    float * o = out + (hk * sh.n_gqa + b * ROWS + j) * sh.n_kv + c;
+                    for (int t = 0; t < n_cells; ++t) {
+                        o[t] = acc[t][j];
+                    }
+                }
+            }
+        }
+    }
+}
 
+}  // namespace
+
+void ggml_compute_forward_triattn_score(const ggml_compute_params * params, ggml_tensor * dst) {
+    const ggml_tensor * k = dst->src[0];
+    const ggml_tensor * q = dst->src[1];
+    score_shape sh;
+    sh.head_dim  = (int) k->ne[0];
+    sh.n_feat    = sh.head_dim + sh.head_dim / 2;
+    sh.n_head_kv = k->ne[1];
+    sh.n_kv      = k->ne[2];
+    sh.n_gqa     = q->ne[1] / sh.n_head_kv;
+    // 8 rows suit a head per query of small GQA groups; 16 the dozens of rows of query clusters
+    if (sh.n_gqa <= 8) {
+        sh.n_block = 1;
+        score_cells<8>(params, dst, sh);
+    } else {
+        sh.n_block = (sh.n_gqa + 15) / 16;
+        score_cells<16>(params, dst, sh);
+    }
+}
+
+void ggml_compute_forward_triattn_zmax(const ggml_compute_params * params, ggml_tensor * dst) {
+    const ggml_tensor * s     = dst->src[0];
+    const ggml_tensor * valid = dst->src[1];
+    const int64_t n_kv    = s->ne[0];
+    const int64_t n_rows  = s->ne[1];
+    const int64_t n_group = ggml_get_op_params_i32(dst, 0);
+    const float * v = (const float *) valid->data;
+    float * stats = (float *) params->wdata;  // [row]: mean, std + eps
+
+    // threads split the rows for their statistics, products with valid as the graph's z-score had
+    std::vector<float> centred(n_kv);
+    float n_valid = 0.0f;
+    ggml_vec_dot_f32((int) n_kv, &n_valid, 0, v, 0, v, 0, 1);
+    for (int64_t r = params->ith; r < n_rows; r += params->nth) {
+        const float * row = (const float *) s->data + r * n_kv;
+        float sum = 0.0f, sum_sq = 0.0f;
+        ggml_vec_dot_f32((int) n_kv, &sum, 0, row, 0, v, 0, 1);
+        const float mean = sum / std::max(n_valid, 1.0f);
+        for (int64_t c = 0; c < n_kv; ++c) {
+            centred[c] = (row[c] - mean) * v[c];
+        }
+        ggml_vec_dot_f32((int) n_kv, &sum_sq, 0, centred.data(), 0, centred.data(), 0, 1);
+        stats[2 * r]     = mean;
+        stats[2 * r + 1] = std::sqrt(sum_sq / std::max(n_valid, 1.0f)) + 1e-6f;
+    }
+    ggml_barrier(params->threadpool);
+
+    // then the cells for the maximum over each group's rows
     const int64_t per_thread = (n_kv + params->nth - 1) / params->nth;
     const int64_t c0 = per_thread * params->ith;
     const int64_t c1 = std::min(n_kv, c0 + per_thread);
-
-    std::vector<float> key(head_dim);
-    std::vector<float> norms(n_pairs);
-    float * out = (float *) dst->data;
-
-    for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t hk = 0; hk < n_head_kv; ++hk) {
-            const char * row = (const char *) k->data + c * k->nb[2] + hk * k->nb[1];
-            switch (k->type) {
-                case GGML_TYPE_F32: std::copy((const float *) row, (const float *) row + head_dim, key.begin()); break;
-                case GGML_TYPE_F16: ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) row, key.data(), head_dim); break;
-                default:            to_float(row, key.data(), head_dim); break;
+    for (int64_t g = 0; g < n_rows / n_group; ++g) {
+        float * out = (float *) dst->data + g * n_kv;
+        std::fill(out + c0, out + std::max(c0, c1), -FLT_MAX);
+        for (int64_t r = g * n_group; r < (g + 1) * n_group; ++r) {
+            const float * row = (const float *) s->data + r * n_kv;
+            const float mean = stats[2 * r], sd = stats[2 * r + 1];
+            for (int64_t c = c0; c < c1; ++c) {
+                const float z = (row[c] - mean) / sd;
+                out[c] = z > out[c] ? z : out[c];  // NaN never wins, as in a max pool
             }
-            if (hadamard) {
-                triattn_fwht(key.data(), head_dim);
-            }
-            for (int f = 0; f < n_pairs; ++f) {
-                int re, im;
-                triattn_pair_dims(f, neox, n_rot, &re, &im);
-                norms[f] = std::sqrt(key[re] * key[re] + key[im] * key[im]);
-            }
-            for (int64_t h = hk * n_gqa; h < (hk + 1) * n_gqa; ++h) {
-                const float * qh = (const float *) ((const char *) q->data + h * q->nb[1]);
-                const float * wh = (const float *) ((const char *) w->data + h * w->nb[1]);
-                float trig, norm;
-                ggml_vec_dot_f32(head_dim, &trig, 0, key.data(), 0, qh, 0, 1);
-                ggml_vec_dot_f32(n_pairs, &norm, 0, norms.data(), 0, wh, 0, 1);
-                out[h * n_kv + c] = trig + norm;
-            }
+        }
+        for (int64_t c = c0; c < c1; ++c) {
+            out[c] = v[c] != 0.0f ? out[c] : 0.0f;
         }
     }
 }

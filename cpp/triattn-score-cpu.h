@@ -1,4 +1,4 @@
-// CPU implementation of GGML_OP_TRIATTN_SCORE (see ggml_triattn_score in ggml.h).
+// CPU implementations of GGML_OP_TRIATTN_SCORE and GGML_OP_TRIATTN_ZMAX (see ggml.h).
 #pragma once
 
 #include "ggml-cpu-impl.h"
@@ -8,6 +8,7 @@ extern "C" {
 #endif
 
 void ggml_compute_forward_triattn_score(const struct ggml_compute_params * params, struct ggml_tensor * dst);
+void ggml_compute_forward_triattn_zmax(const struct ggml_compute_params * params, struct ggml_tensor * dst);
 
 #ifdef __cplusplus
 }

@@ -90,11 +90,20 @@ def z_scored(x: np.ndarray) -> np.ndarray:
     return (x - x.mean(-1, keepdims=True)) / (x.std(-1, keepdims=True) + 1e-6)
 
 
-@pytest.mark.parametrize("select, horizon, spread, one_cluster", [
-    ("per-layer-head", 65536, False, False), ("per-head", 65536, False, False), ("per-layer-head", 4, False, False),
-    ("per-layer-head", 65536, True, False), ("per-head", 65536, True, False), ("per-layer-head", 65536, False, True)])
+def z_scored_valid(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """z-scored over the valid cells (the last axis); -inf at the others, which are never kept."""
+    z = np.full(x.shape, -np.inf)
+    z[..., valid] = z_scored(x[..., valid])
+    return z
+
+
+@pytest.mark.parametrize("select, horizon, spread, one_cluster, holes", [
+    ("per-layer-head", 65536, False, False, False), ("per-head", 65536, False, False, False),
+    ("per-layer-head", 4, False, False, False), ("per-layer-head", 65536, True, False, False),
+    ("per-head", 65536, True, False, False), ("per-layer-head", 65536, False, True, False),
+    ("per-layer-head", 65536, False, False, True), ("per-head", 65536, True, False, True)])
 @pytest.mark.parametrize("model", ["qwen", "gemma3"])
-def test_engine_keeps_the_top_budget_of_algorithm_md(model, select, horizon, spread, one_cluster, centres_of):
+def test_engine_keeps_the_top_budget_of_algorithm_md(model, select, horizon, spread, one_cluster, holes, centres_of):
     """The kept sets equal a numpy aggregation of the op's scores (algorithm.md §4) with virtual
     queries at the next token's position, one per (layer, query head, query cluster): z-score per
     virtual query, max over each KV head's (its GQA group's clusters; one_cluster: the centres of a
@@ -104,7 +113,9 @@ def test_engine_keeps_the_top_budget_of_algorithm_md(model, select, horizon, spr
     of 4 averages the virtual queries over the future offsets 1, 2, 4 only. A KV head whose query
     heads' mean concentration is below min_concentration scores by z-scored recency, the attention
     sinks first: `spread` sets min_concentration to the median head's, so that half the heads do;
-    without, 0 (the reference: none does)."""
+    without, 0 (the reference: none does). `holes` empties 10 cells inside the history first: the
+    statistics are over the cells that hold a token, and an empty cell is never kept. 123 tokens
+    leave each thread's share of the cells a part tile of the op's 4."""
     from triattention_gguf.compression import compress, compressed_layers, configure, last_kept
 
     path, centres = centres_of[model]
@@ -119,20 +130,26 @@ def test_engine_keeps_the_top_budget_of_algorithm_md(model, select, horizon, spr
         with model_context(mdl, n_ctx=768, n_threads=2, n_ubatch=128) as ctx:
             configure(ctx, "tri", budget, 64, select, centers=centres, horizon=horizon,
                       min_concentration=min_concentration)
-            tokens = tokenize(mdl, default_text()[:6000])[:120]
+            tokens = tokenize(mdl, default_text()[:6000])[:123]
             arr = (ll.llama_token * len(tokens))(*tokens)
             assert ll.llama_decode(ctx, ll.llama_batch_get_one(arr, len(tokens))) == 0
+            if holes:
+                assert ll.llama_memory_seq_rm(ll.llama_get_memory(ctx), 0, 40, 50)
             omega = rope_omega(ctx, facts.n_layer, facts.head_dim)
             # the next token's position
             q, w = by_cluster(centres, *virtual_queries(centres, omega, len(tokens), future_offsets(horizon)))
             gqa = facts.n_head // facts.n_head_kv
-            recency = z_scored(np.where(np.arange(len(tokens)) < 4, len(tokens), np.arange(len(tokens))).astype(float))
             per_layer = []
             layers = compressed_layers(ctx)
             for il in layers:
-                s = np.stack([score_cache_layer(ctx, il, q[il, :, k], w[il, :, k], facts.n_head_kv)[0]
-                              for k in range(centres.n_clusters)], axis=1).astype(np.float64)  # [head, cluster, cell]
-                z = z_scored(s).reshape(facts.n_head_kv, gqa * centres.n_clusters, -1).max(axis=1)
+                scored = [score_cache_layer(ctx, il, q[il, :, k], w[il, :, k], facts.n_head_kv)
+                          for k in range(centres.n_clusters)]
+                pos = scored[0][2]
+                valid = pos >= 0
+                assert valid.sum() == len(tokens) - 10 * holes
+                recency = z_scored_valid(np.where(pos < 4, len(tokens), pos).astype(float), valid)
+                s = np.stack([x[0] for x in scored], axis=1).astype(np.float64)  # [head, cluster, cell]
+                z = z_scored_valid(s, valid).reshape(facts.n_head_kv, gqa * centres.n_clusters, -1).max(axis=1)
                 z[by_recency[il]] = recency
                 per_layer.append(z)
             total = np.array(per_layer) if select == "per-layer-head" else np.mean(per_layer, axis=0)[None]

@@ -318,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--tokens", type=_positive, default=32768, help="calibration tokens at most (default 32768)")
     embed.add_argument("--clusters", type=_positive, default=DEFAULT_CLUSTERS,
                        help=f"query clusters per head, each a virtual query of tri (default {DEFAULT_CLUSTERS}: the "
-                            "centre alone, as the paper; 16 keeps more on long text and makes a compression "
-                            "about 6x slower: README, 'Query clusters')")
+                            "centre alone, as the paper; 8 keeps more on long text and makes a compression "
+                            "about 1.2x slower: README, 'Query clusters')")
     embed.add_argument("--threads", type=_positive, default=None)
     embed.add_argument("--force", action="store_true", help="recompute centres that are already present")
     embed.add_argument("--quiet", action="store_true", help="no progress bar")
