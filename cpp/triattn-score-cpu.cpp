@@ -158,7 +158,7 @@ void ggml_compute_forward_triattn_score(const ggml_compute_params * params, ggml
     sh.n_head_kv = k->ne[1];
     sh.n_kv      = k->ne[2];
     sh.n_gqa     = q->ne[1] / sh.n_head_kv;
-    // 8 rows suit a head per query of small GQA groups; 16 the dozens of rows of query clusters
+    // 8 rows suit the few query heads of a GQA group; 16 the dozens of rows of query clusters
     if (sh.n_gqa <= 8) {
         sh.n_block = 1;
         score_cells<8>(params, dst, sh);
@@ -177,7 +177,7 @@ void ggml_compute_forward_triattn_zmax(const ggml_compute_params * params, ggml_
     const float * v = (const float *) valid->data;
     float * stats = (float *) params->wdata;  // [row]: mean, std + eps
 
-    // threads split the rows for their statistics, products with valid as the graph's z-score had
+    // threads split the rows for their statistics: products with valid, so an empty cell counts for nothing
     std::vector<float> centred(n_kv);
     float n_valid = 0.0f;
     ggml_vec_dot_f32((int) n_kv, &n_valid, 0, v, 0, v, 0, 1);
