@@ -25,7 +25,8 @@ constexpr int TILE_CELLS = 4;
 
 struct score_shape {
     int     head_dim, n_feat;  // n_feat: head_dim key dims, then head_dim / 2 pair norms
-    int64_t n_head_kv, n_kv, n_gqa, n_block;
+    int64_t n_head_kv, n_kv, n_gqa;
+    int64_t n_block;           // blocks of query rows per KV head
 };
 
 // The query rows of each KV head as [KV head][block][feature][ROWS], zero-padded to whole blocks:
@@ -108,7 +109,8 @@ void tile_dot(const float * feat, int n_feat, const float * p, float (*acc)[ROWS
 }
 
 template <int ROWS>
-void score_cells(const ggml_compute_params * params, ggml_tensor * dst, const score_shape & sh) {
+void score_cells(const ggml_compute_params * params, ggml_tensor * dst, score_shape sh) {
+    sh.n_block = (sh.n_gqa + ROWS - 1) / ROWS;
     const ggml_tensor * k = dst->src[0];
     const bool neox     = ggml_get_op_params_i32(dst, 0) != 0;
     const int  n_rot    = ggml_get_op_params_i32(dst, 1);
@@ -160,10 +162,8 @@ void ggml_compute_forward_triattn_score(const ggml_compute_params * params, ggml
     sh.n_gqa     = q->ne[1] / sh.n_head_kv;
     // 8 rows suit the few query heads of a GQA group; 16 the dozens of rows of query clusters
     if (sh.n_gqa <= 8) {
-        sh.n_block = 1;
         score_cells<8>(params, dst, sh);
     } else {
-        sh.n_block = (sh.n_gqa + 15) / 16;
         score_cells<16>(params, dst, sh);
     }
 }
