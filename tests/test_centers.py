@@ -17,6 +17,7 @@ import pytest
 from triattention_gguf import Llama
 from triattention_gguf.calibrate import compute_centers
 from triattention_gguf.centers import CentersError, load_centers, read_centers, rewrite_model
+from triattention_gguf.methods import DEFAULT_CLUSTERS
 from triattention_gguf.modelinfo import read_facts
 from conftest import rewritten_copy
 
@@ -126,7 +127,7 @@ def test_cli_embed_inspect_force(smollm2_copy, tmp_path):
     assert forced.returncode == 0, forced.stderr
     assert read_centers(out).calibration_tokens == 400
 
-    assert read_centers(out).n_clusters == 1  # the default: the centre alone
+    assert read_centers(out).n_clusters == DEFAULT_CLUSTERS
     clustered = cli("embed-centers", out, "--tokens", 300, "--clusters", 3, "--force", "--quiet")
     assert clustered.returncode == 0 and "query clusters per head: 3" in clustered.stdout, clustered.stderr
     assert read_centers(out).n_clusters == 3
@@ -140,6 +141,27 @@ def test_cli_embed_inspect_force(smollm2_copy, tmp_path):
     assert "valid for this model" in shown.stdout and "R > 0.9" in shown.stdout and "layer  29" in shown.stdout
     assert "query clusters per head (tri's virtual queries): 3" in shown.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_remakes_a_copy_with_another_cluster_count(smollm2_path, tmp_path, monkeypatch):
+    """`demo` (the README's first command) embeds the default model's centres once; a copy left by a
+    release with another default cluster count is made again, then reused."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / Path(smollm2_path).name).symlink_to(smollm2_path)
+    stale = models / (Path(smollm2_path).stem + ".triattention.gguf")
+    rewrite_model(smollm2_path, compute_centers(smollm2_path, max_tokens=256, n_threads=2, progress=False,
+                                                clusters=1), stale)
+    monkeypatch.setenv("TRIATTENTION_CACHE", str(tmp_path))
+    args = ("demo", "--max-tokens", 200, "--kv-budget", 64, "--n-ctx", 1024, "--threads", 2)
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert "embedding TriAttention centres" in first.stdout and "KV memory:" in first.stdout
+    assert read_centers(stale).n_clusters == DEFAULT_CLUSTERS
+    made = sha256(stale)
+    again = cli(*args)
+    assert again.returncode == 0 and "embedding" not in again.stdout, again.stderr
+    assert sha256(stale) == made
 
 
 def test_own_text_and_provenance(smollm2_copy, tmp_path):

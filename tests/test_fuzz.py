@@ -120,7 +120,8 @@ META = {
     "token count negative": (lambda m: {"triattention.calibration.tokens": (-5, T.INT64, None)}, "centres"),
     "token count 0": (lambda m: {"triattention.calibration.tokens": (0, T.UINT64, None)}, "centres"),
     "0 query clusters": (lambda m: {"triattention.clusters": (0, T.UINT32, None)}, "centres"),
-    "query clusters against their arrays": (lambda m: {"triattention.clusters": (8, T.UINT32, None)}, "centres"),
+    "query clusters against their arrays": (lambda m: {"triattention.clusters": (
+        int(_centre(m, "clusters")) + 1, T.UINT32, None)}, "centres"),
     "a cluster's mean magnitude 0": (lambda m: {"triattention.cluster.q_abs_mean": _array(
         _centre(m, "cluster.q_abs_mean") * 0)}, "centres"),
     "centres of one layer": (lambda m: {"triattention.q_mean_imag": _array(_centre(m, "q_mean_imag")[:100])},

@@ -363,24 +363,25 @@ def test_a_state_file_needs_the_same_query_clusters(centred, tmp_path):
     from triattention_gguf.state_file import StateFileError
 
     reader = gguf.GGUFReader(centred)
-    assert reader.get_field("triattention.clusters").contents() == 1
-    v1, clustered = tmp_path / "v1.gguf", tmp_path / "clustered.gguf"
-    cluster_keys = ("cluster.q_mean_real", "cluster.q_mean_imag", "cluster.q_abs_mean")
+    assert reader.get_field("triattention.clusters").contents() > 1
+    v1, one = tmp_path / "v1.gguf", tmp_path / "one.gguf"
+    centre_keys = ("q_mean_real", "q_mean_imag", "q_abs_mean")
     rewritten_copy(centred, v1, {"triattention.version": (1, gguf.GGUFValueType.UINT32, None),
-                                 **{f"triattention.{k}": (None, None, None) for k in ("clusters", *cluster_keys)}})
-    twice = {f"triattention.{k}": (np.repeat(np.array(reader.get_field(f"triattention.{k}").contents(),
-                                                      dtype=np.float32).reshape(-1, 1, 32), 2, axis=1).ravel().tolist(),
-                                   gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32) for k in cluster_keys}
-    rewritten_copy(centred, clustered, {"triattention.clusters": (2, gguf.GGUFValueType.UINT32, None), **twice})
+                                 **{f"triattention.{k}": (None, None, None)
+                                    for k in ("clusters", *(f"cluster.{k}" for k in centre_keys))}})
+    the_centre = {f"triattention.cluster.{k}": (reader.get_field(f"triattention.{k}").contents(),
+                                                gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32)
+                  for k in centre_keys}
+    rewritten_copy(centred, one, {"triattention.clusters": (1, gguf.GGUFValueType.UINT32, None), **the_centre})
 
     kw = dict(kv_compress="tri", kv_budget=64, kv_divide_length=32, **SMALL)
-    llm = Llama(centred, **kw)
+    llm = Llama(str(one), **kw)
     greedy(llm, n=120)
     path = tmp_path / "conversation.state"
     llm.save_state_file(path)
     Llama(str(v1), **kw).load_state_file(path)
     with pytest.raises(StateFileError, match="centres"):
-        Llama(str(clustered), **kw).load_state_file(path)
+        Llama(centred, **kw).load_state_file(path)
 
 
 def test_conversations_on_one_model_keep_caches_of_their_own(centred):

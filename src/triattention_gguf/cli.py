@@ -24,12 +24,13 @@ def _quiet_llama(verbose: bool) -> None:
 def _demo_model() -> Path:
     """The SmolLM2 test model with centres, made once beside the cached download."""
     from triattention_gguf.calibrate import compute_centers
-    from triattention_gguf.centers import rewrite_model
+    from triattention_gguf.centers import read_centers, rewrite_model
     from triattention_gguf.testmodels import model_path
 
     source = model_path()
     centred = source.with_name(source.stem + ".triattention.gguf")
-    if not centred.exists():
+    # a copy from a release with another default cluster count is made again
+    if not centred.exists() or read_centers(centred).n_clusters != DEFAULT_CLUSTERS:
         print(f"embedding TriAttention centres into {centred} (once) ...", flush=True)
         rewrite_model(source, compute_centers(source, max_tokens=8192), centred)
     return centred
@@ -317,9 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--text", action="append", help="calibration text file (repeatable; default: Python's documentation)")
     embed.add_argument("--tokens", type=_positive, default=32768, help="calibration tokens at most (default 32768)")
     embed.add_argument("--clusters", type=_positive, default=DEFAULT_CLUSTERS,
-                       help=f"query clusters per head, each a virtual query of tri (default {DEFAULT_CLUSTERS}: the "
-                            "centre alone, as the paper; 8 keeps more on long text and makes a compression "
-                            "about 1.2x slower: README, 'Query clusters')")
+                       help=f"query clusters per head, each a virtual query of tri (default {DEFAULT_CLUSTERS}; 1 is the "
+                            "centre alone, as the paper: a compression about 1.2x faster that keeps less on "
+                            "long text: README, 'Query clusters')")
     embed.add_argument("--threads", type=_positive, default=None)
     embed.add_argument("--force", action="store_true", help="recompute centres that are already present")
     embed.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -9,7 +9,7 @@ MAX_HORIZON = 65536  # tri's largest future offset, the reference's 2^16 (cpp/tr
 # heads", has the evals (it helps SmolLM2 at 0.72 and costs Qwen2.5)
 MIN_CONCENTRATION = 0.0
 MAX_CLUSTERS = 64  # query clusters per head at most (cpp/triattention.h)
-# embed-centers' query clusters per head: the centre alone, as the paper; more keep more on long
-# text at a cost in compression time (BENCHMARKS.md, "Query clusters")
-DEFAULT_CLUSTERS = 1
+# embed-centers' query clusters per head (1: the centre alone, as the paper). 8 keep as much as 16
+# and more than 1 on every cell measured, at 1.2x the compression time (BENCHMARKS.md, "Query clusters")
+DEFAULT_CLUSTERS = 8
 DEFAULT_SELECT = "per-layer-head"  # the reference's mode; BENCHMARKS.md has the evals that chose it
