@@ -126,6 +126,9 @@ META = {
         _centre(m, "cluster.q_abs_mean") * 0)}, "centres"),
     "centres of one layer": (lambda m: {"triattention.q_mean_imag": _array(_centre(m, "q_mean_imag")[:100])},
                              "centres"),
+    "an unknown tuned setting": (lambda m: {"triattention.tuned": ("tri+recent+horizon5", T.STRING, None)},
+                                 "centres"),
+    "a tuned setting as a number": (lambda m: {"triattention.tuned": (4, T.UINT32, None)}, "centres"),
 }
 
 

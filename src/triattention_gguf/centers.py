@@ -16,7 +16,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from triattention_gguf.methods import MAX_CLUSTERS
+from triattention_gguf.methods import MAX_CLUSTERS, TUNED_SPECS
 from triattention_gguf.modelinfo import ModelFacts, ModelFileError, open_gguf
 
 PREFIX = "triattention."
@@ -47,6 +47,7 @@ class Centers:
     model_fingerprint: str
     cluster_mean: np.ndarray | None = None      # complex64 [n_layer, n_head, n_clusters, head_dim/2]; None: q_mean
     cluster_abs_mean: np.ndarray | None = None  # float32   [n_layer, n_head, n_clusters, head_dim/2]
+    tuned: str | None = None  # the tri settings `tune` chose for the model (one of TUNED_SPECS); None: not tuned
 
     def __post_init__(self):
         if self.cluster_mean is None:  # one cluster: the centre itself
@@ -100,6 +101,7 @@ _SCHEMA = {
     "cluster.q_abs_mean": (_T.ARRAY, _T.FLOAT32),
 }
 _ADDED_IN_2 = ("clusters", "cluster.q_mean_real", "cluster.q_mean_imag", "cluster.q_abs_mean")
+_OPTIONAL = {"tuned": (_T.STRING, None)}  # written by `tune`, not by embed-centers
 
 
 def _values(c: Centers) -> dict[str, object]:
@@ -111,7 +113,7 @@ def _values(c: Centers) -> dict[str, object]:
         "calibration.tokens": c.calibration_tokens, "calibration.text_sha256": c.text_sha256,
         "model_fingerprint": c.model_fingerprint, "clusters": c.n_clusters,
         "cluster.q_mean_real": flat(c.cluster_mean.real), "cluster.q_mean_imag": flat(c.cluster_mean.imag),
-        "cluster.q_abs_mean": flat(c.cluster_abs_mean),
+        "cluster.q_abs_mean": flat(c.cluster_abs_mean), "tuned": c.tuned,
     }
 
 
@@ -123,7 +125,7 @@ def _read_fields(reader: gguf.GGUFReader) -> dict[str, object]:
         if not name.startswith(PREFIX):
             continue
         key = name[len(PREFIX):]
-        expected = _SCHEMA.get(key)
+        expected = _SCHEMA.get(key) or _OPTIONAL.get(key)
         types = (field.types[0], field.types[-1] if field.types[0] == _T.ARRAY else None)
         if expected is not None and types != expected:
             want = expected[0].name + (f" of {expected[1].name}" if expected[1] else "")
@@ -179,11 +181,16 @@ def centers_from_reader(reader: gguf.GGUFReader) -> Centers | None:
         c_re, c_im, c_abs = _arrays(where, f, "cluster.", shape, "n_layer*n_head*clusters*head_dim/2", redo)
         _check_values(where, c_re, c_im, c_abs, tokens, "cluster.")
         clusters = {"cluster_mean": (c_re + 1j * c_im).astype(np.complex64), "cluster_abs_mean": c_abs}
+    tuned = f.get("tuned")
+    if tuned is not None and tuned not in TUNED_SPECS:
+        raise CentersError(f"{where}: {PREFIX}tuned is {tuned!r}, not one of the settings this release knows "
+                           f"({', '.join(TUNED_SPECS)}); {redo}, then `triattention-gguf tune {where}`")
     return Centers(
         n_layer=shape[0], n_head=shape[1], n_head_kv=int(f["n_head_kv"]), head_dim=int(f["head_dim"]),
         n_rot=int(f["n_rot"]), rope_type=str(f["rope_type"]), q_mean=(re + 1j * im).astype(np.complex64),
         q_abs_mean=absm.astype(np.float32), calibration_tokens=tokens,
-        text_sha256=str(f["calibration.text_sha256"]), model_fingerprint=str(f["model_fingerprint"]), **clusters)
+        text_sha256=str(f["calibration.text_sha256"]), model_fingerprint=str(f["model_fingerprint"]),
+        tuned=None if tuned is None else str(tuned), **clusters)
 
 
 def _arrays(where: str, f: dict, prefix: str, shape: tuple, size: str, redo: str) -> list[np.ndarray]:
@@ -242,8 +249,9 @@ def _copy_with_metadata(reader: gguf.GGUFReader, dest: Path, centers: Centers | 
         writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
     if centers is not None:
         values = _values(centers)
-        for key, (vtype, sub_type) in _SCHEMA.items():
-            writer.add_key_value(PREFIX + key, values[key], vtype, sub_type=sub_type)
+        for key, (vtype, sub_type) in (_SCHEMA | _OPTIONAL).items():
+            if values[key] is not None:
+                writer.add_key_value(PREFIX + key, values[key], vtype, sub_type=sub_type)
     for tensor in reader.tensors:
         writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
                                tensor.tensor_type)
@@ -271,7 +279,7 @@ def _verify_copy(original: gguf.GGUFReader, path: Path, centers: Centers | None)
         raise OSError(f"verification of {path} failed: centres still present")
     if centers is not None and (stored is None or not all(
             np.array_equal(getattr(stored, a), getattr(centers, a).astype(np.complex64))
-            for a in ("q_mean", "cluster_mean"))):
+            for a in ("q_mean", "cluster_mean")) or stored.tuned != centers.tuned):
         raise OSError(f"verification of {path} failed: centres do not read back")
 
 
@@ -301,16 +309,23 @@ def remove_stale_copies(model: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def rewrite_model(src: str | os.PathLike, centers: Centers | None, dest: str | os.PathLike | None = None) -> Path:
-    """Write src with new centres (or none) to dest (default: src, in place), atomically."""
-    src = Path(src)
-    dest = Path(dest) if dest is not None else src
-    reader = open_gguf(src)
+def check_writable(dest: str | os.PathLike) -> None:
+    """Refuse a destination that rewrite_model could not write, before any work is done for it."""
+    dest = Path(dest)
     folder = dest.resolve().parent
     if not folder.is_dir():
         raise ModelFileError(f"{dest}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK) or (dest.exists() and not os.access(dest, os.W_OK)):
         raise ModelFileError(f"{dest}: not writable (check permissions, or write a copy elsewhere with -o)")
+
+
+def rewrite_model(src: str | os.PathLike, centers: Centers | None, dest: str | os.PathLike | None = None) -> Path:
+    """Write src with new centres (or none) to dest (default: src, in place), atomically."""
+    src = Path(src)
+    dest = Path(dest) if dest is not None else src
+    reader = open_gguf(src)
+    check_writable(dest)
+    folder = dest.resolve().parent
     # the writer's pid in the name: a later run can tell a copy left by a killed process (remove_stale_copies)
     fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{dest.name}.{os.getpid()}.", suffix=TMP_SUFFIX)
     os.close(fd)

@@ -116,6 +116,33 @@ def _embed_centers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from triattention_gguf.calibrate import read_texts
+    from triattention_gguf.centers import check_writable, load_centers, rewrite_model
+    from triattention_gguf.modelinfo import read_facts
+    from triattention_gguf.tuning import tune
+
+    _quiet_llama(args.verbose)
+    _remove_stale_copies(args.model)
+    # before any measuring: a file without centres, or a destination that cannot be written, is refused
+    centres = load_centers(read_facts(args.model))
+    check_writable(args.output or args.model)
+    text = read_texts(args.text) if args.text else None
+    start = time.perf_counter()
+    try:
+        tuning = tune(args.model, text, args.tokens, args.prompts, args.generate, n_threads=args.threads,
+                      progress=not args.quiet)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    print(tuning.table())
+    out = rewrite_model(args.model, dataclasses.replace(centres, tuned=tuning.choice), args.output)
+    print(f"measured in {time.perf_counter() - start:.0f} s; tri's default settings for this model "
+          f"({tuning.choice}) written to {out}; Llama and serve use them unless given others")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from triattention_gguf.inspection import plot, report
 
@@ -327,6 +354,21 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     embed.set_defaults(func=_embed_centers)
 
+    tuner = sub.add_parser("tune", help="measure tri's candidate settings on a model with centres and store the "
+                                        "one that keeps the most of it as its default")
+    tuner.add_argument("model", help="GGUF model file with centres (updated in place unless -o is given)")
+    tuner.add_argument("-o", "--output", help="write the result to this file instead")
+    tuner.add_argument("--text", action="append", help="tuning text file (repeatable; default: a part of Python's "
+                                                       "documentation that calibration and the evals do not read)")
+    tuner.add_argument("--tokens", type=_positive, default=2048, help="teacher-forced window of the text (default 2048)")
+    tuner.add_argument("--prompts", type=_positive, default=4,
+                       help="passages of the text that the model explains itself (default 4)")
+    tuner.add_argument("--generate", type=_positive, default=256, help="tokens generated per passage (default 256)")
+    tuner.add_argument("--threads", type=_positive, default=None)
+    tuner.add_argument("--quiet", action="store_true", help="no progress bars")
+    tuner.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    tuner.set_defaults(func=_tune)
+
     inspect = sub.add_parser("inspect", help="model facts, centre status and head concentration")
     inspect.add_argument("model")
     inspect.add_argument("--plot", help="draw the R distribution to this PNG file")
@@ -410,14 +452,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-keep-prompt", action="store_true",
                        help="never evict a request's prompt while it fits in the budget (longer: compressed, "
                             "with a warning in the log)")
-    serve.add_argument("--kv-keep-recent", type=_non_negative, default=0,
-                       help="never evict the newest N tokens; the method chooses the rest of the budget (default 0)")
-    serve.add_argument("--kv-horizon", type=_positive, default=MAX_HORIZON, metavar="TOKENS",
-                       help=f"tri predicts the queries up to this many tokens ahead (default {MAX_HORIZON}, the "
-                            "reference's; 4 kept more of the full model in generation, see BENCHMARKS.md)")
-    serve.add_argument("--kv-min-concentration", type=_fraction, default=MIN_CONCENTRATION, metavar="R",
+    tuned = "the model's tuned setting (triattention-gguf tune), else "
+    serve.add_argument("--kv-keep-recent", type=_non_negative, default=None,
+                       help=f"never evict the newest N tokens; the method chooses the rest of the budget (default: "
+                            f"{tuned}0)")
+    serve.add_argument("--kv-horizon", type=_positive, default=None, metavar="TOKENS",
+                       help=f"tri predicts the queries up to this many tokens ahead (default: {tuned}{MAX_HORIZON}, "
+                            "the reference's; 4 kept more of the full model in generation, see BENCHMARKS.md)")
+    serve.add_argument("--kv-min-concentration", type=_fraction, default=None, metavar="R",
                        help=f"tri keeps the newest tokens in heads whose calibrated concentration is below R "
-                            f"(default {MIN_CONCENTRATION:g}: none, as the reference; see BENCHMARKS.md)")
+                            f"(default: {tuned}{MIN_CONCENTRATION:g}, none, as the reference; see BENCHMARKS.md)")
     serve.add_argument("--n-ctx", type=int, default=0, help="longest conversation in tokens (default: the model's "
                                                              "trained context)")
     serve.add_argument("--parallel", type=_positive, default=1,

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from triattention_gguf.llama import Llama
-from triattention_gguf.methods import DEFAULT_SELECT, MAX_HORIZON, MIN_CONCENTRATION
+from triattention_gguf.methods import DEFAULT_SELECT
 from triattention_gguf.openai_api import (PROMPT_ERRORS, ApiError, BaseRequest, as_chunks, error_body,
                                           parse_tool_calls, sse)
 from triattention_gguf.prompt_cache import PromptCache
@@ -48,9 +48,9 @@ class ServeConfig:
     kv_divide_length: int = 128
     kv_select: str = DEFAULT_SELECT
     kv_keep_prompt: bool = False
-    kv_keep_recent: int = 0
-    kv_horizon: int = MAX_HORIZON
-    kv_min_concentration: float = MIN_CONCENTRATION
+    kv_keep_recent: int | None = None  # None: the model's tuned setting, else the reference's (Llama)
+    kv_horizon: int | None = None
+    kv_min_concentration: float | None = None
     n_ctx: int = 0  # 0: the model's trained context
     n_gpu_layers: int = 0
     threads: int | None = None

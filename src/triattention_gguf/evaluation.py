@@ -186,6 +186,12 @@ def _kl_after(trace: Trace, compressed: np.ndarray) -> float:
     return float("inf") if kl is None else kl
 
 
+def paired_kl(traces: dict[str, Trace], label: str, other: str) -> tuple[np.ndarray, np.ndarray]:
+    """KL of label minus other's at the positions after both compressed, and the mask of those positions."""
+    both = traces[label].array("compressed").astype(bool) & traces[other].array("compressed").astype(bool)
+    return traces[label].array("kl")[both] - traces[other].array("kl")[both], both
+
+
 # tri's settings that `vs_select` puts back at their defaults, in the order tried: the one named
 # last in a method spec first
 _SETTINGS = ("min_concentration", "horizon", "select")
@@ -227,8 +233,7 @@ def summarize(traces: dict[str, Trace], scored: Scored, configs: list[Config], b
 
     def paired(label: str, other: str) -> tuple[float, float, float]:
         """KL of label minus other's, over positions after both compressed: mean, 95% interval."""
-        both = after(label) & after(other)
-        diff = traces[label].array("kl")[both] - traces[other].array("kl")[both]
+        diff, both = paired_kl(traces, label, other)
         return block_bootstrap_ci(diff, np.unique(blocks[both], return_inverse=True)[1])
 
     out = {}
@@ -263,19 +268,22 @@ def task_prompts(model, limit: int = 0) -> list[tuple[str, list[int]]]:
     """(kind, tokens) of the shipped task set's prompts (data/generate_tasks.json: step-by-step
     reasoning, code, long explanations, multi-turn chats) in the model's chat template."""
     tasks = json.loads(resources.files("triattention_gguf").joinpath("data/generate_tasks.json").read_text())
+    return [(task["kind"], chat_tokens(model, task["messages"], "--generate")) for task in tasks[:limit or None]]
+
+
+def chat_tokens(model, messages: list[dict], needed_by: str) -> list[int]:
+    """The tokens of messages ({"role", "content"}) in the model's chat template, ready for the
+    assistant's answer; a ValueError naming needed_by when the model has no template llama.cpp knows."""
     template = ll.llama_model_chat_template(model, None)
     if not template:
-        raise ValueError("the model has no chat template; --generate needs one to write its prompts")
-    out = []
-    for task in tasks[:limit or None]:
-        messages = (ll.llama_chat_message * len(task["messages"]))(
-            *[ll.llama_chat_message(m["role"].encode(), m["content"].encode()) for m in task["messages"]])
-        size = ll.llama_chat_apply_template(template, messages, len(messages), True, None, 0)
-        buf = ctypes.create_string_buffer(size + 1)
-        if size < 0 or ll.llama_chat_apply_template(template, messages, len(messages), True, buf, size + 1) != size:
-            raise ValueError("llama.cpp does not know the model's chat template; --generate needs one it knows")
-        out.append((task["kind"], tokenize(model, buf.raw[:size].decode("utf-8"), special=True)))
-    return out
+        raise ValueError(f"the model has no chat template; {needed_by} needs one to write its prompts")
+    array = (ll.llama_chat_message * len(messages))(
+        *[ll.llama_chat_message(m["role"].encode(), m["content"].encode()) for m in messages])
+    size = ll.llama_chat_apply_template(template, array, len(messages), True, None, 0)
+    buf = ctypes.create_string_buffer(size + 1)
+    if size < 0 or ll.llama_chat_apply_template(template, array, len(messages), True, buf, size + 1) != size:
+        raise ValueError(f"llama.cpp does not know the model's chat template; {needed_by} needs one it knows")
+    return tokenize(model, buf.raw[:size].decode("utf-8"), special=True)
 
 
 def generated(model, facts: ModelFacts, prompts: list[list[int]], n: int, chunk: int, n_threads: int | None,

@@ -77,6 +77,11 @@ class Config:
         return self.name if self.method == FULL else f"{self.name}@{self.budget}"
 
 
+def tri_defaults(centres: Centers | None, budget: int) -> Config:
+    """tri's settings where none are given: those `tune` stored with the centres, else the reference's."""
+    return Config.parse(centres.tuned if centres is not None and centres.tuned else "tri", budget)
+
+
 def parse_budgets(specs: list[str], context: int) -> list[int]:
     """Budgets as absolute cells ("1024") or fractions of the context ("1/4"), below the context."""
     budgets = set()

@@ -20,7 +20,8 @@ from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.centers import load_centers
 from triattention_gguf.compression import (CompressionError, check_arguments, configure, keep_prompt, physical_cells,
                                           prompt_ubatch, stats)
-from triattention_gguf.methods import DEFAULT_SELECT, MAX_HORIZON, MIN_CONCENTRATION
+from triattention_gguf.harness import Config, tri_defaults
+from triattention_gguf.methods import DEFAULT_SELECT
 from triattention_gguf.modelinfo import fingerprint, open_gguf, read_facts
 
 log = logging.getLogger(__name__)
@@ -48,15 +49,18 @@ class Llama(llama_cpp.Llama):
     kv_divide_length: compress when budget + divide_length cells are reached (default 128).
     kv_select: "per-layer-head" (default: every layer's KV heads keep their own sets, from that
         layer's scores), "per-head" (a set per KV head shared by the layers) or "shared" (one set).
-    kv_keep_recent: never evict the newest kv_keep_recent tokens (default 0: the method alone
-        decides); the rest of the budget goes by the method's scores.
+    kv_keep_recent: never evict the newest kv_keep_recent tokens (0: the method alone decides); the
+        rest of the budget goes by the method's scores.
     kv_horizon: "tri" predicts the attention of the queries up to kv_horizon tokens ahead (the
-        future offsets 1, 2, 4, ... up to it; default 65536, the reference's). At budgets of tens
-        to hundreds of cells, 4 kept more of the full model in generation (BENCHMARKS.md).
+        future offsets 1, 2, 4, ... up to it; 65536 is the reference's). At budgets of tens to
+        hundreds of cells, 4 kept more of the full model in generation (BENCHMARKS.md).
     kv_min_concentration: "tri" keeps the attention sinks and the newest tokens in every (layer, KV
-        head) whose query heads' mean calibrated concentration R is below this (default 0: every
-        head by its centres, as the reference). 0.72 kept more of SmolLM2 and less of Qwen2.5
-        (BENCHMARKS.md, "Spread heads").
+        head) whose query heads' mean calibrated concentration R is below this (0: every head by its
+        centres, as the reference). 0.72 kept more of SmolLM2 and less of Qwen2.5 (BENCHMARKS.md,
+        "Spread heads").
+        These three default (None) to what `triattention-gguf tune` stored in the model file for tri
+        (README.md, "Tuned defaults"), else to the reference's 0, 65536 and 0; kv_settings has the values
+        in use.
     kv_keep_prompt: never evict the prompt of a generation (as the reference does) while it fits in
         the budget beside the kept recent tokens; a longer prompt is compressed like the rest, with a
         warning.
@@ -75,18 +79,19 @@ class Llama(llama_cpp.Llama):
 
     def __init__(self, model_path: str, *args, kv_compress: str = "none", kv_budget: int = 2048,
                  kv_divide_length: int = 128, kv_select: str = DEFAULT_SELECT, kv_keep_prompt: bool = False,
-                 kv_keep_recent: int = 0, kv_horizon: int = MAX_HORIZON,
-                 kv_min_concentration: float = MIN_CONCENTRATION, kv_seed: int = 0, **kwargs):
-        check_arguments(kv_compress, kv_budget, kv_divide_length, kv_select, kv_keep_recent, kv_horizon,
-                        kv_min_concentration)
+                 kv_keep_recent: int | None = None, kv_horizon: int | None = None,
+                 kv_min_concentration: float | None = None, kv_seed: int = 0, **kwargs):
+        given = {"keep_recent": kv_keep_recent, "horizon": kv_horizon, "min_concentration": kv_min_concentration}
+        reference = Config(kv_compress, kv_budget)
+        check_arguments(kv_compress, kv_budget, kv_divide_length, kv_select,
+                        **{k: getattr(reference, k) if v is None else v for k, v in given.items()})
         # every check that can fail runs before the model and the cache are allocated, with
         # llama.cpp's log as quiet as the parent will make it (its load log would drown the error)
         set_verbose(kwargs.get("verbose", True))
         open_gguf(model_path)  # llama.cpp's loader trusts the header: a malformed one can crash or hang it
         self.kv_compress = kv_compress
         self._kv_budget, self._kv_divide_length = kv_budget, kv_divide_length
-        self._kv_keep_prompt, self._kv_select, self._kv_keep_recent = kv_keep_prompt, kv_select, kv_keep_recent
-        self._kv_seed, self._kv_horizon, self._kv_min_concentration = kv_seed, kv_horizon, kv_min_concentration
+        self._kv_keep_prompt, self._kv_select, self._kv_seed = kv_keep_prompt, kv_select, kv_seed
         self.on_prompt: Callable[[list[int]], None] | None = None
         centres = None
         logical_n_ctx = kwargs.get("n_ctx", 512)
@@ -113,6 +118,12 @@ class Llama(llama_cpp.Llama):
             if self._logits_all:
                 self.scores = np.ndarray((logical_n_ctx, self._n_vocab), dtype=np.single)
         self._centres = centres
+        defaults = tri_defaults(centres, kv_budget) if kv_compress == "tri" else reference
+        resolved = {k: getattr(defaults, k) if v is None else v for k, v in given.items()}
+        if kv_compress == "tri" and centres.tuned is not None:
+            log.info("%s: tri's settings tuned for this model: %s; in use: %s", model_path, centres.tuned, resolved)
+        self._kv_keep_recent, self._kv_horizon = resolved["keep_recent"], resolved["horizon"]
+        self._kv_min_concentration = resolved["min_concentration"]
         self._configure(self._ctx.ctx)
         self._conversation = Conversation(self._ctx, self.input_ids)
 
@@ -250,14 +261,19 @@ class Llama(llama_cpp.Llama):
         if records is not None and lib.triattention_records_set(self._ctx.ctx, records, len(records)) != 0:
             raise CompressionError(f"load_state: {lib.triattention_last_error().decode()}")
 
+    @property
+    def kv_settings(self) -> dict:
+        """The compression settings in use, those left unset resolved (a tuned model's, or the reference's)."""
+        return {"kv_compress": self.kv_compress, "kv_budget": self._kv_budget,
+                "kv_divide_length": self._kv_divide_length, "kv_select": self._kv_select,
+                "kv_keep_prompt": self._kv_keep_prompt, "kv_keep_recent": self._kv_keep_recent,
+                "kv_horizon": self._kv_horizon, "kv_min_concentration": self._kv_min_concentration}
+
     def state_identity(self) -> dict:
         """What a saved state must match to be restored here."""
-        return {"model": fingerprint(open_gguf(self.model_path)), "kv_compress": self.kv_compress,
-                "kv_budget": self._kv_budget, "kv_divide_length": self._kv_divide_length,
-                "kv_select": self._kv_select, "kv_keep_recent": self._kv_keep_recent,
-                "kv_horizon": self._kv_horizon, "kv_min_concentration": self._kv_min_concentration,
-                "centres": getattr(self, "_centres_sha256", None),
-                "cells": ll.llama_n_ctx(self._ctx.ctx)}
+        settings = {k: v for k, v in self.kv_settings.items() if k != "kv_keep_prompt"}
+        return {"model": fingerprint(open_gguf(self.model_path)), **settings,
+                "centres": getattr(self, "_centres_sha256", None), "cells": ll.llama_n_ctx(self._ctx.ctx)}
 
     def save_state_file(self, path: str | os.PathLike) -> None:
         """Save the conversation held now (compressed cache, tokens, last logits) to path,

@@ -13,3 +13,7 @@ MAX_CLUSTERS = 64  # query clusters per head at most (cpp/triattention.h)
 # and more than 1 on every cell measured, at 1.2x the compression time (BENCHMARKS.md, "Query clusters")
 DEFAULT_CLUSTERS = 8
 DEFAULT_SELECT = "per-layer-head"  # the reference's mode; BENCHMARKS.md has the evals that chose it
+# the settings `tune` chooses among for tri, as method specs (harness.py): the reference's first, then
+# the window + short horizon and the spread-heads rule that kept more of SmolLM2 and less of Qwen2.5
+# (BENCHMARKS.md); the one measured to keep clearly the most of a model is stored in its file
+TUNED_SPECS = ("tri", "tri+recent+horizon4", "tri+recent+horizon4+conc0.68")

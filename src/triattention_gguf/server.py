@@ -153,10 +153,8 @@ def create_app(config: ServeConfig) -> FastAPI:
             "chat_template_caps": {"supports_tools": "tools" in template,
                                    "supports_tool_calls": "tool_calls" in template or "<tool_call>" in template,
                                    "supports_parallel_tool_calls": False},
-            "kv_compress": {"method": config.kv_compress, "budget": config.kv_budget,
-                            "divide_length": config.kv_divide_length, "select": config.kv_select,
-                            "keep_prompt": config.kv_keep_prompt, "keep_recent": config.kv_keep_recent,
-                            "horizon": config.kv_horizon, "min_concentration": config.kv_min_concentration,
+            "kv_compress": {"method": config.kv_compress,
+                            **{k.removeprefix("kv_"): v for k, v in engine.llm.kv_settings.items() if k != "kv_compress"},
                             **engine.slots.current.kv},
         }
 
