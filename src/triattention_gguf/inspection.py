@@ -65,7 +65,7 @@ def report(path: str | os.PathLike) -> tuple[str, Centers | None]:
         f"  calibrated on {centers.calibration_tokens} tokens, text sha256 {centers.text_sha256[:16]}...",
         f"  query clusters per head (tri's virtual queries): {centers.n_clusters}, "
         f"median R of a cluster {np.median(centers.cluster_concentration()):.3f}",
-        f"  tri's default settings: " + (f"{centers.tuned} (chosen by `triattention-gguf tune`)" if centers.tuned
+        "  tri's default settings: " + (f"{centers.tuned} (chosen by `triattention-gguf tune`)" if centers.tuned
                                          else f"the reference's (`triattention-gguf tune {path}` measures others)"),
         *concentration_lines(centers),
     ]
