@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from triattention_gguf import Llama
-from triattention_gguf.centers import CentersError, read_centers, rewrite_model
+from triattention_gguf.centers import read_centers, rewrite_model
 from triattention_gguf.cli import main
 from triattention_gguf.methods import MAX_HORIZON, TUNED_SPECS
 from triattention_gguf.tuning import Cell, choose
