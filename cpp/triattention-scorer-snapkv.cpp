@@ -73,7 +73,7 @@ struct group_inputs {
     }
 };
 
-class snapkv_scorer : public triattention_scorer {
+class snapkv_scorer : public triattention_observed_attention {
 public:
     explicit snapkv_scorer(llama_context * ctx)
         : windows(ctx->get_model().hparams.n_layer()), layers(triattention_kv_cache(ctx)->get_layer_ids()) {
@@ -107,34 +107,52 @@ public:
             triattention_recency_scores(c, out);
             return true;
         }
+        std::vector<int32_t> all(layers.size());
+        std::iota(all.begin(), all.end(), 0);
+        return score_layers(ctx, kv, c, all, out);
+    }
+
+    bool score_layers(llama_context * ctx, llama_kv_cache * kv, const triattention_candidates & c,
+                      const std::vector<int32_t> & which, triattention_scores & out) override {
         const llama_hparams & hp = ctx->get_model().hparams;
         const int64_t head_dim = hp.n_embd_head_k(layers[0]), n_head = hp.n_head(layers[0]);
         const std::vector<llama_pos> & wpos = windows[layers[0]].pos;
         const int64_t n_win = (int64_t) wpos.size();
         const float scale = hp.f_attention_scale == 0.0f ? 1.0f / std::sqrt((float) head_dim) : hp.f_attention_scale;
+        // the candidate groups the listed layers read: each its own under per-layer-head selection, else one
+        std::vector<int32_t> groups_used;
+        for (int32_t li : which) {
+            const int32_t gi = c.n_groups == 1 ? 0 : li;
+            if (std::find(groups_used.begin(), groups_used.end(), gi) == groups_used.end()) {
+                groups_used.push_back(gi);
+            }
+        }
 
         ggml_context_ptr g = triattention_graph_context(TRIATTENTION_MAX_NODE);
         auto input = [&](ggml_tensor * t) { ggml_set_input(t); return t; };
-        ggml_tensor * q_win = input(ggml_new_tensor_4d(g.get(), GGML_TYPE_F32, head_dim, n_head, n_win, layers.size()));
-        std::vector<ggml_tensor *> mask(c.n_groups), order(c.n_groups), rank(c.n_groups);
-        for (int32_t gi = 0; gi < c.n_groups; ++gi) {
-            mask[gi]  = input(ggml_new_tensor_3d(g.get(), GGML_TYPE_F32, c.n_kv, n_win, n_head));
-            order[gi] = input(ggml_new_tensor_2d(g.get(), GGML_TYPE_I32, c.n_kv, n_head));
-            rank[gi]  = input(ggml_new_tensor_2d(g.get(), GGML_TYPE_I32, c.n_kv, n_head));
+        ggml_tensor * q_win = input(ggml_new_tensor_4d(g.get(), GGML_TYPE_F32, head_dim, n_head, n_win, which.size()));
+        const size_t n_used = groups_used.size();
+        std::vector<ggml_tensor *> mask(n_used), order(n_used), rank(n_used);
+        for (size_t u = 0; u < n_used; ++u) {
+            mask[u]  = input(ggml_new_tensor_3d(g.get(), GGML_TYPE_F32, c.n_kv, n_win, n_head));
+            order[u] = input(ggml_new_tensor_2d(g.get(), GGML_TYPE_I32, c.n_kv, n_head));
+            rank[u]  = input(ggml_new_tensor_2d(g.get(), GGML_TYPE_I32, c.n_kv, n_head));
         }
         ggml_cgraph * gf = ggml_new_graph_custom(g.get(), TRIATTENTION_MAX_NODE, false);
         std::vector<ggml_tensor *> outputs;
-        for (size_t li = 0; li < layers.size(); ++li) {
-            const int32_t gi = c.n_groups == 1 ? 0 : (int32_t) li;
+        for (size_t wi = 0; wi < which.size(); ++wi) {
+            const int32_t li = which[wi];
+            const size_t u = std::find(groups_used.begin(), groups_used.end(), c.n_groups == 1 ? 0 : li) -
+                             groups_used.begin();
             ggml_tensor * q = ggml_view_3d(g.get(), q_win, head_dim, n_head, n_win, q_win->nb[1], q_win->nb[2],
-                                           li * q_win->nb[3]);
+                                           wi * q_win->nb[3]);
             ggml_tensor * keys = triattention_keys(g.get(), kv, hp, (int) layers[li], c.n_kv);
             triattention_add_layer_output(g.get(), gf, outputs,
-                                          snapkv_layer(g.get(), keys, q, mask[gi], scale, order[gi], rank[gi]));
+                                          snapkv_layer(g.get(), keys, q, mask[u], scale, order[u], rank[u]));
         }
         std::vector<float> q;
-        for (uint32_t il : layers) {
-            q.insert(q.end(), windows[il].q.begin(), windows[il].q.end());
+        for (int32_t li : which) {
+            q.insert(q.end(), windows[layers[li]].q.begin(), windows[layers[li]].q.end());
         }
         if (kv->get_attn_rot_k()) {  // queries turned like the cached keys
             for (size_t i = 0; i < q.size(); i += head_dim) {
@@ -142,17 +160,26 @@ public:
             }
         }
         std::vector<group_inputs> groups;
-        for (int32_t gi = 0; gi < c.n_groups; ++gi) {
+        for (int32_t gi : groups_used) {
             groups.emplace_back(c, gi, n_head, wpos);
         }
         return triattention_run_layers(ctx, gf, outputs, [&] {
             ggml_backend_tensor_set(q_win, q.data(), 0, ggml_nbytes(q_win));
-            for (int32_t gi = 0; gi < c.n_groups; ++gi) {
-                ggml_backend_tensor_set(mask[gi], groups[gi].mask.data(), 0, ggml_nbytes(mask[gi]));
-                ggml_backend_tensor_set(order[gi], groups[gi].order.data(), 0, ggml_nbytes(order[gi]));
-                ggml_backend_tensor_set(rank[gi], groups[gi].rank.data(), 0, ggml_nbytes(rank[gi]));
+            for (size_t u = 0; u < n_used; ++u) {
+                ggml_backend_tensor_set(mask[u], groups[u].mask.data(), 0, ggml_nbytes(mask[u]));
+                ggml_backend_tensor_set(order[u], groups[u].order.data(), 0, ggml_nbytes(order[u]));
+                ggml_backend_tensor_set(rank[u], groups[u].rank.data(), 0, ggml_nbytes(rank[u]));
             }
         }, out);
+    }
+
+    // Whether every compressed layer captured the same window of queries, all already in the cache.
+    bool ready(const triattention_candidates & c) const override {
+        const std::vector<llama_pos> & first = windows[layers[0]].pos;
+        if (first.empty() || first.back() > c.newest) {
+            return false;
+        }
+        return std::all_of(layers.begin(), layers.end(), [&](uint32_t il) { return windows[il].pos == first; });
     }
 
 private:
@@ -167,15 +194,6 @@ private:
     std::vector<uint32_t> layers;  // the compressed layers
     ggml_backend_sched_eval_callback chained = nullptr;  // the context's own eval callback
     void * chained_data = nullptr;
-
-    // Whether every compressed layer captured the same window of queries, all already in the cache.
-    bool ready(const triattention_candidates & c) const {
-        const std::vector<llama_pos> & first = windows[layers[0]].pos;
-        if (first.empty() || first.back() > c.newest) {
-            return false;
-        }
-        return std::all_of(layers.begin(), layers.end(), [&](uint32_t il) { return windows[il].pos == first; });
-    }
 
     // Keep the last SNAP_WINDOW tokens of a layer's post-RoPE query t.
     void capture(const ggml_tensor * t) {
@@ -220,6 +238,6 @@ private:
 
 }  // namespace
 
-std::unique_ptr<triattention_scorer> triattention_snapkv_scorer(llama_context * ctx) {
+std::unique_ptr<triattention_observed_attention> triattention_snapkv_scorer(llama_context * ctx) {
     return std::make_unique<snapkv_scorer>(ctx);
 }

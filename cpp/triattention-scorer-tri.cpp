@@ -3,7 +3,8 @@
 // position, z-scored over the cells per virtual query, max over each KV head's virtual queries
 // (its GQA group's heads and their clusters). A (layer, KV head) whose queries are spread out
 // (calibrated concentration below min_concentration; by default none, as the reference) is scored
-// by recency instead: the centres predict little there (BENCHMARKS.md, "Spread heads").
+// by recency plus the attention its latest queries gave (snapkv's), each z-scored, instead: the
+// centres predict little there (BENCHMARKS.md, "Spread heads" and "Observed spread heads").
 #include "triattention-scorer.h"
 #include "triattn-pairs.h"
 
@@ -17,8 +18,21 @@ namespace {
 
 class tri_scorer : public triattention_scorer {
 public:
-    tri_scorer(const triattention_centres & centres, int32_t horizon, float min_concentration)
-        : centres(centres), horizon(horizon), min_concentration(min_concentration) {}
+    tri_scorer(llama_context * ctx, const triattention_centres & centres, int32_t horizon, float min_concentration)
+        : centres(centres), horizon(horizon), min_concentration(min_concentration),
+          observer(min_concentration > 0.0f ? triattention_snapkv_scorer(ctx) : nullptr) {}
+
+    void on_batch(llama_pos first) override {
+        if (observer) {
+            observer->on_batch(first);
+        }
+    }
+
+    void release(llama_context * ctx) override {
+        if (observer) {
+            observer->release(ctx);
+        }
+    }
 
     bool score(llama_context * ctx, llama_kv_cache * kv, const triattention_candidates & c,
                triattention_scores & out) override {
@@ -53,24 +67,55 @@ public:
             }, out)) {
             return false;
         }
-        if (min_concentration > 0.0f) {
-            const std::vector<bool> spread = spread_rows(layers, n_head, head_dim / 2, c.n_head_kv);
-            for (int li = 0; li < n_layer; ++li) {
-                for (int32_t hk = 0; hk < c.n_head_kv; ++hk) {
-                    if (spread[li * c.n_head_kv + hk]) {
-                        recency_row(c.row(c.n_groups == 1 ? 0 : li, hk), c,
-                                    out.v.data() + ((size_t) li * c.n_head_kv + hk) * c.n_kv);
-                    }
-                }
-            }
-        }
-        return true;
+        return min_concentration <= 0.0f || score_spread_rows(ctx, kv, c, layers, n_head, head_dim, out);
     }
 
 private:
     const triattention_centres & centres;
     const int32_t horizon;
     const float min_concentration;
+    // the spread heads' observed attention (the eval callback that captures the queries); null when
+    // min_concentration is 0
+    const std::unique_ptr<triattention_observed_attention> observer;
+
+    // Overwrites the spread rows of out with z-scored recency, plus, once queries were observed, the
+    // z-scored attention they gave. Only the layers with a spread head are scored by attention.
+    bool score_spread_rows(llama_context * ctx, llama_kv_cache * kv, const triattention_candidates & c,
+                           const std::vector<uint32_t> & layers, int64_t n_head, int64_t head_dim,
+                           triattention_scores & out) {
+        const std::vector<bool> spread = spread_rows(layers, n_head, head_dim / 2, c.n_head_kv);
+        std::vector<int32_t> observed_layers;  // indices into layers
+        for (int32_t li = 0; li < (int32_t) layers.size(); ++li) {
+            if (std::any_of(spread.begin() + li * c.n_head_kv, spread.begin() + (li + 1) * c.n_head_kv,
+                            [](bool b) { return b; })) {
+                observed_layers.push_back(li);
+            }
+        }
+        triattention_scores observed;
+        const bool have_observed = !observed_layers.empty() && observer->ready(c);
+        if (have_observed && !observer->score_layers(ctx, kv, c, observed_layers, observed)) {
+            return false;
+        }
+        for (size_t oi = 0; oi < observed_layers.size(); ++oi) {
+            const int32_t li = observed_layers[oi];
+            for (int32_t hk = 0; hk < c.n_head_kv; ++hk) {
+                if (!spread[li * c.n_head_kv + hk]) {
+                    continue;
+                }
+                float * row = out.v.data() + ((size_t) li * c.n_head_kv + hk) * c.n_kv;
+                const llama_pos * pos = c.row(c.n_groups == 1 ? 0 : li, hk);
+                recency_row(pos, c, row);
+                if (have_observed) {
+                    float * seen = observed.v.data() + (oi * c.n_head_kv + hk) * c.n_kv;
+                    zscore_row(pos, c, seen);
+                    for (int32_t i = 0; i < c.n_kv; ++i) {
+                        row[i] += seen[i];
+                    }
+                }
+            }
+        }
+        return true;
+    }
 
     // [layer][KV head] of the cache's layers: whether the query heads of that KV head have a mean
     // concentration R = sum_f |E q_f| / sum_f E|q_f| below min_concentration.
@@ -96,23 +141,30 @@ private:
         return spread;
     }
 
-    // Overwrites a row's scores with z-scored recency (the sinks first, then the newer the higher), on
-    // the scale of the z-scored rows beside it, which the per-head and shared modes average it with.
-    static void recency_row(const llama_pos * pos, const triattention_candidates & c, float * row) {
-        auto recency = [&](llama_pos p) { return p < TRIATTENTION_N_SINKS ? (double) c.newest + 1.0 : (double) p; };
+    // Z-scores a row over the cells it holds (0 for an empty one), on the scale of the z-scored rows
+    // beside it, which the per-head and shared modes average it with.
+    static void zscore_row(const llama_pos * pos, const triattention_candidates & c, float * row) {
         double n = 0.0, sum = 0.0, sum_sq = 0.0;
         for (int32_t i = 0; i < c.n_kv; ++i) {
             if (pos[i] >= 0) {
                 n += 1.0;
-                sum += recency(pos[i]);
-                sum_sq += recency(pos[i]) * recency(pos[i]);
+                sum += row[i];
+                sum_sq += (double) row[i] * row[i];
             }
         }
         const double mean = sum / std::max(n, 1.0);
         const double sd = std::sqrt(std::max(0.0, sum_sq / std::max(n, 1.0) - mean * mean));
         for (int32_t i = 0; i < c.n_kv; ++i) {
-            row[i] = pos[i] < 0 ? 0.0f : (float) ((recency(pos[i]) - mean) / (sd + 1e-6));
+            row[i] = pos[i] < 0 ? 0.0f : (float) ((row[i] - mean) / (sd + 1e-6));
         }
+    }
+
+    // A row's z-scored recency: the sinks first, then the newer the higher.
+    static void recency_row(const llama_pos * pos, const triattention_candidates & c, float * row) {
+        for (int32_t i = 0; i < c.n_kv; ++i) {
+            row[i] = pos[i] < TRIATTENTION_N_SINKS ? (float) c.newest + 1.0f : (float) pos[i];
+        }
+        zscore_row(pos, c, row);
     }
 
     // Rows of the virtual queries of a layer, [head][cluster]; without clusters one per head.
@@ -164,7 +216,7 @@ private:
 
 }  // namespace
 
-std::unique_ptr<triattention_scorer> triattention_tri_scorer(const triattention_centres & centres, int32_t horizon,
-                                                            float min_concentration) {
-    return std::make_unique<tri_scorer>(centres, horizon, min_concentration);
+std::unique_ptr<triattention_scorer> triattention_tri_scorer(llama_context * ctx, const triattention_centres & centres,
+                                                            int32_t horizon, float min_concentration) {
+    return std::make_unique<tri_scorer>(ctx, centres, horizon, min_concentration);
 }

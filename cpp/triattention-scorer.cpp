@@ -78,7 +78,8 @@ public:
 std::unique_ptr<triattention_scorer> triattention_make_scorer(llama_context * ctx, const triattention_params & params,
                                                              const triattention_centres & centres) {
     switch (params.method) {
-        case TRIATTENTION_METHOD_TRI:       return triattention_tri_scorer(centres, params.horizon, params.min_concentration);
+        case TRIATTENTION_METHOD_TRI:
+            return triattention_tri_scorer(ctx, centres, params.horizon, params.min_concentration);
         case TRIATTENTION_METHOD_STREAMING: return std::make_unique<streaming_scorer>();
         case TRIATTENTION_METHOD_KNORM:     return std::make_unique<knorm_scorer>();
         case TRIATTENTION_METHOD_RANDOM:    return std::make_unique<random_scorer>(params.seed);

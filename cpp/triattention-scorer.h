@@ -42,14 +42,27 @@ public:
     virtual void release(llama_context * ctx) { (void) ctx; }
 };
 
+// The attention that the latest queries, observed as they are decoded, gave the cells (snapkv's
+// scores): for snapkv, and for tri's spread heads.
+class triattention_observed_attention : public triattention_scorer {
+public:
+    // Whether a window of queries, all already in the cache, was captured.
+    virtual bool ready(const triattention_candidates & c) const = 0;
+
+    // Once ready: the scores of the listed compressed layers (indices into the cache's layers), one
+    // set per listed layer in that order.
+    virtual bool score_layers(llama_context * ctx, llama_kv_cache * kv, const triattention_candidates & c,
+                              const std::vector<int32_t> & layers, triattention_scores & out) = 0;
+};
+
 // The scorer of params.method (not NONE); centres must outlive it (TRI reads them at every compression).
 std::unique_ptr<triattention_scorer> triattention_make_scorer(llama_context * ctx, const triattention_params & params,
                                                              const triattention_centres & centres);
 
 // The scorers with a source file of their own.
-std::unique_ptr<triattention_scorer> triattention_tri_scorer(const triattention_centres & centres, int32_t horizon,
-                                                            float min_concentration);
-std::unique_ptr<triattention_scorer> triattention_snapkv_scorer(llama_context * ctx);
+std::unique_ptr<triattention_scorer> triattention_tri_scorer(llama_context * ctx, const triattention_centres & centres,
+                                                            int32_t horizon, float min_concentration);
+std::unique_ptr<triattention_observed_attention> triattention_snapkv_scorer(llama_context * ctx);
 
 //
 // Helpers for scorers that build a graph over the cache's layers

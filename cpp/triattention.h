@@ -109,8 +109,10 @@ struct triattention_params {
     int32_t  horizon;        // TRI: the virtual queries average the future offsets 1, 2, 4, ... up to this
                              // (the reference: 65536); a short one favours what the next queries need
     float    min_concentration;  // TRI: a (layer, KV head) whose query heads' mean calibrated concentration
-                                 // R is below this keeps the attention sinks and its newest tokens (0, the
-                                 // default: none, as the reference)
+                                 // R is below this is scored by recency (the attention sinks first) plus the
+                                 // attention its latest 8 queries gave (snapkv's), each z-scored; the queries
+                                 // are captured with the context's eval callback (0, the default: none, as
+                                 // the reference)
 };
 
 struct triattention_stats {

@@ -1,5 +1,7 @@
+import numpy as np
 import pytest
 
+from triattention_gguf._lib import llama_cpp_bindings as ll
 from triattention_gguf.testmodels import model_path
 
 
@@ -171,3 +173,58 @@ def metric(base: str, name: str, api_key: str | None = None) -> float:
     text = httpx.get(f"{base}/metrics", headers=headers).text
     return next(s.value for family in text_string_to_metric_families(text) for s in family.samples
                 if s.name == name and not s.labels)
+
+
+class NodeCapture:
+    """Copies graph nodes by name (f32) through llama.cpp's eval callback."""
+
+    def __init__(self, names):
+        import ctypes
+
+        from triattention_gguf._lib import lib_dir
+
+        self.names, self.data = set(names), {}
+        ggml = ctypes.CDLL(str(lib_dir() / "libggml-base.so"))
+        ggml.ggml_get_name.restype = ctypes.c_char_p
+        ggml.ggml_get_name.argtypes = [ctypes.c_void_p]
+        ggml.ggml_op_desc.restype = ctypes.c_char_p
+        ggml.ggml_op_desc.argtypes = [ctypes.c_void_p]
+        ggml.ggml_nbytes.restype = ctypes.c_size_t
+        ggml.ggml_nbytes.argtypes = [ctypes.c_void_p]
+        ggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+
+        def callback(t, ask, _):
+            name = ggml.ggml_get_name(t).decode()
+            # the query as attention reads it: the output of the query RoPE
+            key = f"{name}:{ggml.ggml_op_desc(t).decode()}"
+            if key not in self.names:
+                return False
+            if not ask:
+                out = np.zeros(ggml.ggml_nbytes(t) // 4, dtype=np.float32)
+                ggml.ggml_backend_tensor_get(t, out.ctypes.data, 0, out.nbytes)
+                self.data[key] = out
+            return True
+
+        self.callback = ll.ggml_backend_sched_eval_callback(callback)
+
+
+def snapkv_attention(q, qpos, keys, kpos, h, hkv, hd):
+    """One layer's snapkv score in numpy (algorithm.md §6), [n_head_kv, n_cells]: the attention of
+    the window's queries q [token, head, dim] (positions qpos) to the cached keys [cell, hkv * hd]
+    (positions kpos [n_head_kv, n_cells], -1 for an empty cell), summed over the window, max-pooled
+    over 7 neighbouring tokens in each head's position order, summed over each GQA group."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    group = np.arange(h) // (h // hkv)
+    kp = kpos[group]  # [head, cell]
+    order = np.argsort(kp, axis=1, kind="stable")
+    k = keys.reshape(-1, hkv, hd)[:, group]  # [cell, head, dim]
+    logits = np.einsum("jhd,nhd->hjn", q, k) / np.sqrt(hd)
+    hidden = (kp[:, None, :] > qpos[None, :, None]) | (kp[:, None, :] < 0)
+    logits[np.broadcast_to(hidden, logits.shape)] = -np.inf
+    attn = np.exp(logits - logits.max(-1, keepdims=True))
+    attn = (attn / attn.sum(-1, keepdims=True)).sum(1)  # [head, cell]
+    pooled = sliding_window_view(np.pad(np.take_along_axis(attn, order, 1), ((0, 0), (3, 3))), 7, axis=1).max(-1)
+    in_cells = np.empty_like(pooled)
+    np.put_along_axis(in_cells, order, pooled, 1)
+    return in_cells.reshape(hkv, h // hkv, -1).sum(1)

@@ -4,6 +4,7 @@ import ctypes
 import numpy as np
 import pytest
 
+from conftest import NodeCapture, snapkv_attention
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.calibrate import compute_centers, default_text
 from triattention_gguf.compression import (CompressionError, cache_rows, compress, compressed_layers, configure,
@@ -170,39 +171,6 @@ def test_long_generation_stays_within_the_physical_cache(smollm2_path, smollm2_c
         _distinct_ngram_ratio(tri), _distinct_ngram_ratio(full))
 
 
-class NodeCapture:
-    """Copies graph nodes by name (f32) through llama.cpp's eval callback."""
-
-    def __init__(self, names):
-        import ctypes
-
-        from triattention_gguf._lib import lib_dir
-
-        self.names, self.data = set(names), {}
-        ggml = ctypes.CDLL(str(lib_dir() / "libggml-base.so"))
-        ggml.ggml_get_name.restype = ctypes.c_char_p
-        ggml.ggml_get_name.argtypes = [ctypes.c_void_p]
-        ggml.ggml_op_desc.restype = ctypes.c_char_p
-        ggml.ggml_op_desc.argtypes = [ctypes.c_void_p]
-        ggml.ggml_nbytes.restype = ctypes.c_size_t
-        ggml.ggml_nbytes.argtypes = [ctypes.c_void_p]
-        ggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-
-        def callback(t, ask, _):
-            name = ggml.ggml_get_name(t).decode()
-            # the query as attention reads it: the output of the query RoPE
-            key = f"{name}:{ggml.ggml_op_desc(t).decode()}"
-            if key not in self.names:
-                return False
-            if not ask:
-                out = np.zeros(ggml.ggml_nbytes(t) // 4, dtype=np.float32)
-                ggml.ggml_backend_tensor_get(t, out.ctypes.data, 0, out.nbytes)
-                self.data[key] = out
-            return True
-
-        self.callback = ll.ggml_backend_sched_eval_callback(callback)
-
-
 @pytest.fixture(scope="module")
 def gemma3_centres(gemma3_path):
     return compute_centers(gemma3_path, max_tokens=256, n_threads=2, progress=False)
@@ -251,27 +219,9 @@ def test_next_token_attends_exactly_to_the_kept_keys(name, flash_attn, request):
 
 
 def snapkv_reference(queries, qpos, keys, kpos, h, hkv, hd):
-    """algorithm.md §6 in numpy, [n_head_kv, n_cells]: the attention of the window's queries
-    (positions qpos), summed over them, max-pooled over 7 neighbouring tokens in each head's
-    position order (kpos [n_head_kv, n_cells], -1 for an empty cell), summed over each GQA group,
+    """algorithm.md §6 in numpy, [n_head_kv, n_cells]: snapkv's attention (conftest.snapkv_attention)
     summed over layers; the window itself is kept."""
-    from numpy.lib.stride_tricks import sliding_window_view
-
-    group = np.arange(h) // (h // hkv)
-    kp = kpos[group]  # [head, cell]
-    order = np.argsort(kp, axis=1, kind="stable")
-    total = np.zeros(kpos.shape)
-    for q, k in zip(queries, keys):
-        k = k.reshape(-1, hkv, hd)[:, group]  # [cell, head, dim]
-        logits = np.einsum("jhd,nhd->hjn", q, k) / np.sqrt(hd)
-        hidden = (kp[:, None, :] > qpos[None, :, None]) | (kp[:, None, :] < 0)
-        logits[np.broadcast_to(hidden, logits.shape)] = -np.inf
-        attn = np.exp(logits - logits.max(-1, keepdims=True))
-        attn = (attn / attn.sum(-1, keepdims=True)).sum(1)  # [head, cell]
-        pooled = sliding_window_view(np.pad(np.take_along_axis(attn, order, 1), ((0, 0), (3, 3))), 7, axis=1).max(-1)
-        in_cells = np.empty_like(pooled)
-        np.put_along_axis(in_cells, order, pooled, 1)
-        total += in_cells.reshape(hkv, h // hkv, -1).sum(1)
+    total = sum(snapkv_attention(q, qpos, k, kpos, h, hkv, hd) for q, k in zip(queries, keys))
     total[kpos >= qpos[0]] = np.inf
     total[kpos < 0] = -np.inf
     return total

@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from conftest import NodeCapture, snapkv_attention
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
 from triattention_gguf.calibrate import compute_centers, default_text
 from triattention_gguf.modelinfo import facts_of, loaded_model, model_context, open_gguf, rope_omega, tokenize
@@ -111,12 +112,14 @@ def test_engine_keeps_the_top_budget_of_algorithm_md(model, select, horizon, spr
     per-layer-head: each layer's own; per-head: the mean over the compressed layers (Gemma 3: its
     full-attention layers, each with its own RoPE frequencies). Newest kept, top-B per row. A horizon
     of 4 averages the virtual queries over the future offsets 1, 2, 4 only. A KV head whose query
-    heads' mean concentration is below min_concentration scores by z-scored recency, the attention
-    sinks first: `spread` sets min_concentration to the median head's, so that half the heads do;
-    without, 0 (the reference: none does). `holes` empties 10 cells inside the history first: the
-    statistics are over the cells that hold a token, and an empty cell is never kept. 123 tokens
-    leave each thread's share of the cells a part tile of the op's 4."""
-    from triattention_gguf.compression import compress, compressed_layers, configure, last_kept
+    heads' mean concentration is below min_concentration scores by z-scored recency (the attention
+    sinks first) plus the z-scored attention of the last 8 queries (snapkv's, per layer, from the
+    queries the context's own eval callback sees too): `spread` sets min_concentration to the median
+    head's, so that half the heads do; without, 0 (the reference: none does). `holes` empties 10
+    cells inside the history first: the statistics are over the cells that hold a token, and an
+    empty cell is never kept. 123 tokens leave each thread's share of the cells a part tile of the
+    op's 4."""
+    from triattention_gguf.compression import cache_rows, compress, compressed_layers, configure, last_kept
 
     path, centres = centres_of[model]
     if one_cluster:
@@ -124,10 +127,11 @@ def test_engine_keeps_the_top_budget_of_algorithm_md(model, select, horizon, spr
     budget = 64
     concentration = centres.kv_head_concentration()
     min_concentration = float(np.median(concentration)) if spread else 0.0
-    by_recency = concentration < min_concentration
+    is_spread = concentration < min_concentration
     with loaded_model(path) as mdl:
         facts = facts_of(path, open_gguf(path), mdl)
-        with model_context(mdl, n_ctx=768, n_threads=2, n_ubatch=128) as ctx:
+        capture = NodeCapture([f"Qcur-{il}:ROPE" for il in range(facts.n_layer)])
+        with model_context(mdl, n_ctx=768, n_threads=2, n_ubatch=128, cb_eval=capture.callback) as ctx:
             configure(ctx, "tri", budget, 64, select, centers=centres, horizon=horizon,
                       min_concentration=min_concentration)
             tokens = tokenize(mdl, default_text()[:6000])[:123]
@@ -150,14 +154,22 @@ def test_engine_keeps_the_top_budget_of_algorithm_md(model, select, horizon, spr
                 recency = z_scored_valid(np.where(pos < 4, len(tokens), pos).astype(float), valid)
                 s = np.stack([x[0] for x in scored], axis=1).astype(np.float64)  # [head, cluster, cell]
                 z = z_scored_valid(s, valid).reshape(facts.n_head_kv, gqa * centres.n_clusters, -1).max(axis=1)
-                z[by_recency[il]] = recency
+                if is_spread[il].any():
+                    window = np.arange(len(tokens) - 8, len(tokens))
+                    queries = capture.data[f"Qcur-{il}:ROPE"].reshape(-1, facts.n_head, facts.head_dim)[-8:]
+                    width = facts.n_head_kv * facts.head_dim
+                    keys = cache_rows(ctx, il, width, width)[0].astype(np.float64)
+                    attention = snapkv_attention(queries.astype(np.float64), window, keys,
+                                                 np.broadcast_to(pos, (facts.n_head_kv, len(pos))), facts.n_head,
+                                                 facts.n_head_kv, facts.head_dim)
+                    z[is_spread[il]] = recency + z_scored_valid(attention, valid)[is_spread[il]]
                 per_layer.append(z)
             total = np.array(per_layer) if select == "per-layer-head" else np.mean(per_layer, axis=0)[None]
             total[:, :, -1] = np.inf  # the newest token
             compress(ctx)
             kept = last_kept(ctx, facts.n_head_kv, budget)
     assert kept.shape == total.shape[:2] + (budget,)
-    assert by_recency[layers].any() == spread
+    assert is_spread[layers].any() == spread
     for group in range(kept.shape[0]):
         for hk in range(facts.n_head_kv):
             expected = set(np.argsort(-total[group, hk], kind="stable")[:budget])

@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", default="none,tri,streaming,knorm,random,snapkv",
                     help="method specs name[/select][+recent][+prompt][+horizonN][+concR]: tri/per-head is tri with "
                          "per-head selection, snapkv+prompt keeps the prompt, tri+horizon4 predicts 4 tokens ahead, "
-                         "tri+conc0.72 keeps the newest tokens in heads with concentration below 0.72 "
+                         "tri+conc0.72 scores heads with concentration below 0.72 by recency and observed attention "
                          "(default: none,tri,streaming,knorm,random,snapkv)")
     ev.add_argument("--budgets", default=None, help="cells (1024) or fractions of the text (1/4), comma-separated "
                                                      "(default 1/4,1/8)")
@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"tri predicts the queries up to this many tokens ahead (default: {tuned}{MAX_HORIZON}, "
                             "the reference's; 4 kept more of the full model in generation, see BENCHMARKS.md)")
     serve.add_argument("--kv-min-concentration", type=_fraction, default=None, metavar="R",
-                       help=f"tri keeps the newest tokens in heads whose calibrated concentration is below R "
+                       help=f"tri scores heads whose calibrated concentration is below R by recency and observed attention "
                             f"(default: {tuned}{MIN_CONCENTRATION:g}, none, as the reference; see BENCHMARKS.md)")
     serve.add_argument("--n-ctx", type=int, default=0, help="longest conversation in tokens (default: the model's "
                                                              "trained context)")

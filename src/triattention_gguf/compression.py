@@ -68,7 +68,7 @@ def configure(ctx, method: str, budget: int = 2048, divide_length: int = 128, se
               min_concentration: float = MIN_CONCENTRATION) -> None:
     """Compress ctx's cache with `method` to `budget` cells whenever budget + divide_length is reached,
     never evicting the newest keep_recent tokens; tri predicts the queries up to `horizon` tokens ahead,
-    and keeps the newest tokens in the heads whose concentration is below min_concentration."""
+    and scores the heads whose concentration is below min_concentration by recency and observed attention."""
     check_arguments(method, budget, divide_length, select, keep_recent, horizon, min_concentration)
     if centers is not None:
         arrays = _flat_f32(centers.q_mean.real, centers.q_mean.imag, centers.q_abs_mean)

@@ -54,10 +54,10 @@ class Llama(llama_cpp.Llama):
     kv_horizon: "tri" predicts the attention of the queries up to kv_horizon tokens ahead (the
         future offsets 1, 2, 4, ... up to it; 65536 is the reference's). At budgets of tens to
         hundreds of cells, 4 kept more of the full model in generation (BENCHMARKS.md).
-    kv_min_concentration: "tri" keeps the attention sinks and the newest tokens in every (layer, KV
-        head) whose query heads' mean calibrated concentration R is below this (0: every head by its
-        centres, as the reference). 0.72 kept more of SmolLM2 and less of Qwen2.5 (BENCHMARKS.md,
-        "Spread heads").
+    kv_min_concentration: "tri" scores every (layer, KV head) whose query heads' mean calibrated
+        concentration R is below this by recency plus the attention its latest 8 queries gave (0: every
+        head by its centres, as the reference). It kept more of SmolLM2 and less of Qwen2.5
+        (BENCHMARKS.md, "Spread heads", "Observed spread heads").
         These three default (None) to what `triattention-gguf tune` stored in the model file for tri
         (README.md, "Tuned defaults"), else to the reference's 0, 65536 and 0; kv_settings has the values
         in use.

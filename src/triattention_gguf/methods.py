@@ -5,8 +5,8 @@ METHODS = {"none": 0, "tri": 1, "streaming": 2, "knorm": 3, "random": 4, "snapkv
 SELECT_MODES = {"per-head": 0, "shared": 1, "per-layer-head": 2}
 MAX_HORIZON = 65536  # tri's largest future offset, the reference's 2^16 (cpp/triattention.h); the default
 # tri scores a (layer, KV head) whose queries are spread out (mean calibrated concentration R below
-# this) by recency (cpp/triattention.h); by default none, as the reference: BENCHMARKS.md, "Spread
-# heads", has the evals (it helps SmolLM2 at 0.72 and costs Qwen2.5)
+# this) by recency and the attention its latest queries gave (cpp/triattention.h); by default none,
+# as the reference: BENCHMARKS.md, "Spread heads", has the evals (it helps SmolLM2, costs Qwen2.5)
 MIN_CONCENTRATION = 0.0
 MAX_CLUSTERS = 64  # query clusters per head at most (cpp/triattention.h)
 # embed-centers' query clusters per head (1: the centre alone, as the paper). 8 keep as much as 16
