@@ -180,9 +180,14 @@ def _mean(values: np.ndarray) -> float | None:
     return float(values.mean()) if values.size else None
 
 
-def _kl_after(trace: Trace, compressed: np.ndarray) -> float:
-    """Mean KL after the first compression; infinite for a config that never compressed (never the best)."""
-    kl = _mean(trace.array("kl")[compressed])
+def kl_after_compression(trace: Trace) -> float | None:
+    """Mean KL at the positions after the trace's first compression; None when it never compressed."""
+    return _mean(trace.array("kl")[trace.array("compressed").astype(bool)])
+
+
+def _kl_after(trace: Trace) -> float:
+    """kl_after_compression; infinite for a config that never compressed (never the best)."""
+    kl = kl_after_compression(trace)
     return float("inf") if kl is None else kl
 
 
@@ -253,7 +258,7 @@ def summarize(traces: dict[str, Trace], scored: Scored, configs: list[Config], b
             rivals = [c for c in configs if c.method in BASELINES and c.budget == config.budget
                       and c.keep_prompt == config.keep_prompt and c != config]
             if rivals:
-                best = min(rivals, key=lambda c: _kl_after(traces[c.label], after(c.label)))
+                best = min(rivals, key=lambda c: _kl_after(traces[c.label]))
                 d, lo, hi = paired(config.label, best.label)
                 row.update(vs=best.name, d_kl=d, d_lo=lo, d_hi=hi)
             reference = _nearest_default(config, traces)

@@ -17,7 +17,7 @@ import numpy as np
 
 from triattention_gguf.calibrate import default_text
 from triattention_gguf.centers import load_centers
-from triattention_gguf.evaluation import chat_tokens, fidelity, generated, paired_kl
+from triattention_gguf.evaluation import chat_tokens, fidelity, generated, kl_after_compression, paired_kl
 from triattention_gguf.harness import Config, configs_for, parse_budgets
 from triattention_gguf.methods import TUNED_SPECS
 from triattention_gguf.modelinfo import detokenize, model_with_facts, tokenize
@@ -114,8 +114,8 @@ def tune(model_path: str, text: str | None = None, n_tokens: int = 2048, prompts
                 labels = {spec: Config.parse(spec, budget).label for spec in TUNED_SPECS}
                 kl, vs = {}, {}
                 for spec, label in labels.items():
-                    after = traces[label].array("compressed").astype(bool)
-                    kl[spec] = float(traces[label].array("kl")[after].mean()) if after.any() else float("nan")
+                    mean = kl_after_compression(traces[label])
+                    kl[spec] = float("nan") if mean is None else mean
                     if spec != REFERENCE:
                         diff, both = paired_kl(traces, label, labels[REFERENCE])
                         diffs[spec].append((diff, blocks[both]))
