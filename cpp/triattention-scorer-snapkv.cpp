@@ -17,34 +17,29 @@ constexpr int   SNAP_POOL   = 7;       // max-pooling kernel over neighbouring t
 constexpr float MASKED      = -1e30f;  // finite: a row with no visible key stays a (uniform) distribution, not NaN
 
 // One layer's score [n_kv, n_head_kv]: the attention of the window's queries q [head_dim, n_head,
-// n_win] (causal mask [n_kv, n_win, n_head]), summed over the window, max-pooled over neighbouring
-// tokens, summed over each GQA group. A compaction leaves cells out of position order: `order`
-// [n_kv, n_head] lists each head's cells oldest first and `rank` is its inverse, so the pooling
-// runs over neighbouring positions.
+// n_win] (causal mask [n_kv, n_win, 1, n_head_kv], one per KV head), summed over the window,
+// max-pooled over neighbouring tokens, summed over each GQA group. A compaction leaves cells out of
+// position order: `order` [n_kv, n_head] lists each head's cells oldest first and `rank` is its
+// inverse, so the pooling runs over neighbouring positions.
 ggml_tensor * snapkv_layer(ggml_context * g, ggml_tensor * keys, ggml_tensor * q, ggml_tensor * mask, float scale,
                            ggml_tensor * order, ggml_tensor * rank) {
-    const int64_t n_kv = keys->ne[2], n_head_kv = keys->ne[1], n_head = q->ne[1];
+    const int64_t n_kv = keys->ne[2], n_head_kv = keys->ne[1], n_head = q->ne[1], n_win = q->ne[2];
+    const int64_t n_gqa = n_head / n_head_kv;
     ggml_tensor * kq = ggml_mul_mat(g, ggml_permute(g, keys, 0, 2, 1, 3), ggml_permute(g, q, 0, 2, 1, 3));
-    ggml_tensor * attn = ggml_soft_max_ext(g, kq, mask, scale, 0.0f);  // [n_kv, n_win, n_head]
+    // [n_kv, n_win, n_gqa, n_head_kv]: each KV head's mask broadcast over its group
+    ggml_tensor * attn = ggml_soft_max_ext(g, ggml_reshape_4d(g, kq, n_kv, n_win, n_gqa, n_head_kv), mask, scale, 0.0f);
+    attn = ggml_reshape_3d(g, attn, n_kv, n_win, n_head);
     ggml_tensor * in_cells = ggml_sum_rows(g, ggml_cont(g, ggml_permute(g, attn, 1, 0, 2, 3)));  // [1, n_kv, n_head]
     auto reordered = [&](ggml_tensor * x, ggml_tensor * idx) {
         return ggml_reshape_2d(g, ggml_get_rows(g, ggml_reshape_3d(g, x, 1, n_kv, n_head), idx), n_kv, n_head);
     };
-    ggml_tensor * per_key = reordered(in_cells, order);
-    const int half = SNAP_POOL / 2;
-    ggml_tensor * padded = ggml_pad_ext(g, per_key, half, half, 0, 0, 0, 0, 0, 0);  // attention >= 0: 0 pads
-    auto shifted = [&](int s) { return ggml_view_2d(g, padded, n_kv, n_head, padded->nb[1], s * sizeof(float)); };
-    ggml_tensor * pooled = ggml_cont(g, shifted(0));
-    for (int s = 1; s < SNAP_POOL; ++s) {
-        pooled = triattention_max2(g, pooled, ggml_cont(g, shifted(s)));
-    }
+    ggml_tensor * pooled = ggml_pool_1d(g, reordered(in_cells, order), GGML_OP_POOL_MAX, SNAP_POOL, 1, SNAP_POOL / 2);
     pooled = reordered(pooled, rank);
-    const int64_t n_gqa = n_head / n_head_kv;
     ggml_tensor * grouped = ggml_cont(g, ggml_permute(g, ggml_reshape_3d(g, pooled, n_kv, n_gqa, n_head_kv), 1, 0, 2, 3));
     return ggml_reshape_2d(g, ggml_sum_rows(g, grouped), n_kv, n_head_kv);
 }
 
-// One candidate group's mask [head][token][cell] over the window positions wpos, and each query
+// One candidate group's mask [KV head][token][cell] over the window positions wpos, and each query
 // head's cells in position order [head][cell] with its inverse.
 struct group_inputs {
     std::vector<float>   mask;
@@ -52,22 +47,27 @@ struct group_inputs {
 
     group_inputs(const triattention_candidates & c, int32_t group, int64_t n_head, const std::vector<llama_pos> & wpos) {
         const int64_t n_gqa = n_head / c.n_head_kv;
-        mask.assign((size_t) n_head * wpos.size() * c.n_kv, 0.0f);
+        mask.resize((size_t) c.n_head_kv * wpos.size() * c.n_kv);
         order.resize((size_t) n_head * c.n_kv);
         rank.resize(order.size());
-        for (int64_t h = 0; h < n_head; ++h) {
-            const llama_pos * pos = c.row(group, h / n_gqa);
+        for (int32_t hk = 0; hk < c.n_head_kv; ++hk) {
+            const llama_pos * pos = c.row(group, hk);
             for (size_t j = 0; j < wpos.size(); ++j) {
-                float * row = mask.data() + (h * wpos.size() + j) * c.n_kv;
+                float * row = mask.data() + (hk * wpos.size() + j) * c.n_kv;
                 for (int32_t i = 0; i < c.n_kv; ++i) {
                     row[i] = pos[i] >= 0 && pos[i] <= wpos[j] ? 0.0f : MASKED;
                 }
             }
-            int32_t * o = order.data() + h * c.n_kv;
+            int32_t * o = order.data() + hk * n_gqa * c.n_kv;  // the group's first head, copied to the others
+            int32_t * r = rank.data() + hk * n_gqa * c.n_kv;
             std::iota(o, o + c.n_kv, 0);
             std::stable_sort(o, o + c.n_kv, [&](int32_t a, int32_t b) { return pos[a] < pos[b]; });
             for (int32_t k = 0; k < c.n_kv; ++k) {
-                rank[h * c.n_kv + o[k]] = k;
+                r[o[k]] = k;
+            }
+            for (int64_t j = 1; j < n_gqa; ++j) {
+                std::copy(o, o + c.n_kv, o + j * c.n_kv);
+                std::copy(r, r + c.n_kv, r + j * c.n_kv);
             }
         }
     }
@@ -107,52 +107,65 @@ public:
             triattention_recency_scores(c, out);
             return true;
         }
-        std::vector<int32_t> all(layers.size());
-        std::iota(all.begin(), all.end(), 0);
-        return score_layers(ctx, kv, c, all, out);
+        std::vector<triattention_heads> all;
+        for (int32_t li = 0; li < (int32_t) layers.size(); ++li) {
+            all.push_back({ li, 0, c.n_head_kv });
+        }
+        return score_heads(ctx, kv, c, all, out);
     }
 
-    bool score_layers(llama_context * ctx, llama_kv_cache * kv, const triattention_candidates & c,
-                      const std::vector<int32_t> & which, triattention_scores & out) override {
+    bool score_heads(llama_context * ctx, llama_kv_cache * kv, const triattention_candidates & c,
+                     const std::vector<triattention_heads> & heads, triattention_scores & out) override {
         const llama_hparams & hp = ctx->get_model().hparams;
         const int64_t head_dim = hp.n_embd_head_k(layers[0]), n_head = hp.n_head(layers[0]);
+        const int64_t n_gqa = n_head / c.n_head_kv;
         const std::vector<llama_pos> & wpos = windows[layers[0]].pos;
         const int64_t n_win = (int64_t) wpos.size();
         const float scale = hp.f_attention_scale == 0.0f ? 1.0f / std::sqrt((float) head_dim) : hp.f_attention_scale;
         // the candidate groups the listed layers read: each its own under per-layer-head selection, else one
+        auto group_of = [&](const triattention_heads & run) { return c.n_groups == 1 ? 0 : run.layer; };
         std::vector<int32_t> groups_used;
-        for (int32_t li : which) {
-            const int32_t gi = c.n_groups == 1 ? 0 : li;
-            if (std::find(groups_used.begin(), groups_used.end(), gi) == groups_used.end()) {
-                groups_used.push_back(gi);
+        for (const triattention_heads & run : heads) {
+            if (std::find(groups_used.begin(), groups_used.end(), group_of(run)) == groups_used.end()) {
+                groups_used.push_back(group_of(run));
             }
         }
 
         ggml_context_ptr g = triattention_graph_context(TRIATTENTION_MAX_NODE);
         auto input = [&](ggml_tensor * t) { ggml_set_input(t); return t; };
-        ggml_tensor * q_win = input(ggml_new_tensor_4d(g.get(), GGML_TYPE_F32, head_dim, n_head, n_win, which.size()));
+        // each run's layer's window of queries, every head
+        ggml_tensor * q_win = input(ggml_new_tensor_4d(g.get(), GGML_TYPE_F32, head_dim, n_head, n_win, heads.size()));
         const size_t n_used = groups_used.size();
         std::vector<ggml_tensor *> mask(n_used), order(n_used), rank(n_used);
         for (size_t u = 0; u < n_used; ++u) {
-            mask[u]  = input(ggml_new_tensor_3d(g.get(), GGML_TYPE_F32, c.n_kv, n_win, n_head));
+            mask[u]  = input(ggml_new_tensor_4d(g.get(), GGML_TYPE_F32, c.n_kv, n_win, 1, c.n_head_kv));
             order[u] = input(ggml_new_tensor_2d(g.get(), GGML_TYPE_I32, c.n_kv, n_head));
             rank[u]  = input(ggml_new_tensor_2d(g.get(), GGML_TYPE_I32, c.n_kv, n_head));
         }
         ggml_cgraph * gf = ggml_new_graph_custom(g.get(), TRIATTENTION_MAX_NODE, false);
         std::vector<ggml_tensor *> outputs;
-        for (size_t wi = 0; wi < which.size(); ++wi) {
-            const int32_t li = which[wi];
-            const size_t u = std::find(groups_used.begin(), groups_used.end(), c.n_groups == 1 ? 0 : li) -
-                             groups_used.begin();
-            ggml_tensor * q = ggml_view_3d(g.get(), q_win, head_dim, n_head, n_win, q_win->nb[1], q_win->nb[2],
-                                           wi * q_win->nb[3]);
-            ggml_tensor * keys = triattention_keys(g.get(), kv, hp, (int) layers[li], c.n_kv);
+        for (size_t ri = 0; ri < heads.size(); ++ri) {
+            const triattention_heads & run = heads[ri];
+            const size_t u = std::find(groups_used.begin(), groups_used.end(), group_of(run)) - groups_used.begin();
+            // the run's KV heads and their query heads
+            const int64_t n_q = run.count * n_gqa, first_q = run.first * n_gqa;
+            ggml_tensor * q = ggml_view_3d(g.get(), q_win, head_dim, n_q, n_win, q_win->nb[1], q_win->nb[2],
+                                           ri * q_win->nb[3] + first_q * q_win->nb[1]);
+            ggml_tensor * all_keys = triattention_keys(g.get(), kv, hp, (int) layers[run.layer], c.n_kv);
+            ggml_tensor * keys = ggml_view_3d(g.get(), all_keys, head_dim, run.count, c.n_kv, all_keys->nb[1],
+                                              all_keys->nb[2], run.first * all_keys->nb[1]);
+            ggml_tensor * m = ggml_view_4d(g.get(), mask[u], c.n_kv, n_win, 1, run.count, mask[u]->nb[1],
+                                           mask[u]->nb[2], mask[u]->nb[3], run.first * mask[u]->nb[3]);
+            auto heads_of = [&](ggml_tensor * idx) {
+                return ggml_view_2d(g.get(), idx, c.n_kv, n_q, idx->nb[1], first_q * idx->nb[1]);
+            };
             triattention_add_layer_output(g.get(), gf, outputs,
-                                          snapkv_layer(g.get(), keys, q, mask[u], scale, order[u], rank[u]));
+                                          snapkv_layer(g.get(), keys, q, m, scale, heads_of(order[u]), heads_of(rank[u])));
         }
         std::vector<float> q;
-        for (int32_t li : which) {
-            q.insert(q.end(), windows[layers[li]].q.begin(), windows[layers[li]].q.end());
+        for (const triattention_heads & run : heads) {
+            const std::vector<float> & wq = windows[layers[run.layer]].q;
+            q.insert(q.end(), wq.begin(), wq.end());
         }
         if (kv->get_attn_rot_k()) {  // queries turned like the cached keys
             for (size_t i = 0; i < q.size(); i += head_dim) {

@@ -79,34 +79,37 @@ private:
     const std::unique_ptr<triattention_observed_attention> observer;
 
     // Overwrites the spread rows of out with z-scored recency, plus, once queries were observed, the
-    // z-scored attention they gave. Only the layers with a spread head are scored by attention.
+    // z-scored attention they gave. Only the spread heads are scored by attention.
     bool score_spread_rows(llama_context * ctx, llama_kv_cache * kv, const triattention_candidates & c,
                            const std::vector<uint32_t> & layers, int64_t n_head, int64_t head_dim,
                            triattention_scores & out) {
         const std::vector<bool> spread = spread_rows(layers, n_head, head_dim / 2, c.n_head_kv);
-        std::vector<int32_t> observed_layers;  // indices into layers
+        std::vector<triattention_heads> runs;  // of consecutive spread heads
         for (int32_t li = 0; li < (int32_t) layers.size(); ++li) {
-            if (std::any_of(spread.begin() + li * c.n_head_kv, spread.begin() + (li + 1) * c.n_head_kv,
-                            [](bool b) { return b; })) {
-                observed_layers.push_back(li);
-            }
-        }
-        triattention_scores observed;
-        const bool have_observed = !observed_layers.empty() && observer->ready(c);
-        if (have_observed && !observer->score_layers(ctx, kv, c, observed_layers, observed)) {
-            return false;
-        }
-        for (size_t oi = 0; oi < observed_layers.size(); ++oi) {
-            const int32_t li = observed_layers[oi];
             for (int32_t hk = 0; hk < c.n_head_kv; ++hk) {
                 if (!spread[li * c.n_head_kv + hk]) {
                     continue;
                 }
-                float * row = out.v.data() + ((size_t) li * c.n_head_kv + hk) * c.n_kv;
-                const llama_pos * pos = c.row(c.n_groups == 1 ? 0 : li, hk);
+                if (!runs.empty() && runs.back().layer == li && runs.back().first + runs.back().count == hk) {
+                    runs.back().count++;
+                } else {
+                    runs.push_back({ li, hk, 1 });
+                }
+            }
+        }
+        triattention_scores observed;
+        const bool have_observed = !runs.empty() && observer->ready(c);
+        if (have_observed && !observer->score_heads(ctx, kv, c, runs, observed)) {
+            return false;
+        }
+        size_t observed_row = 0;  // the runs' rows, in order
+        for (const triattention_heads & run : runs) {
+            for (int32_t hk = run.first; hk < run.first + run.count; ++hk, ++observed_row) {
+                float * row = out.v.data() + ((size_t) run.layer * c.n_head_kv + hk) * c.n_kv;
+                const llama_pos * pos = c.row(c.n_groups == 1 ? 0 : run.layer, hk);
                 recency_row(pos, c, row);
                 if (have_observed) {
-                    float * seen = observed.v.data() + (oi * c.n_head_kv + hk) * c.n_kv;
+                    float * seen = observed.v.data() + observed_row * c.n_kv;
                     zscore_row(pos, c, seen);
                     for (int32_t i = 0; i < c.n_kv; ++i) {
                         row[i] += seen[i];

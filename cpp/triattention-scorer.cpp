@@ -5,11 +5,6 @@
 
 #include <random>
 
-ggml_tensor * triattention_max2(ggml_context * g, ggml_tensor * a, ggml_tensor * b) {
-    // (a + b + |a - b|) / 2
-    return ggml_scale(g, ggml_add(g, ggml_add(g, a, b), ggml_abs(g, ggml_sub(g, a, b))), 0.5f);
-}
-
 // One set per candidate group, value(position) for each held token, 0 for an empty cell.
 template <typename F>
 static void per_position(const triattention_candidates & c, triattention_scores & out, F && value) {

@@ -42,6 +42,11 @@ public:
     virtual void release(llama_context * ctx) { (void) ctx; }
 };
 
+// KV heads [first, first + count) of a compressed layer (an index into the cache's layers).
+struct triattention_heads {
+    int32_t layer, first, count;
+};
+
 // The attention that the latest queries, observed as they are decoded, gave the cells (snapkv's
 // scores): for snapkv, and for tri's spread heads.
 class triattention_observed_attention : public triattention_scorer {
@@ -49,10 +54,10 @@ public:
     // Whether a window of queries, all already in the cache, was captured.
     virtual bool ready(const triattention_candidates & c) const = 0;
 
-    // Once ready: the scores of the listed compressed layers (indices into the cache's layers), one
-    // set per listed layer in that order.
-    virtual bool score_layers(llama_context * ctx, llama_kv_cache * kv, const triattention_candidates & c,
-                              const std::vector<int32_t> & layers, triattention_scores & out) = 0;
+    // Once ready: the scores of the listed runs of heads, [run][its KV heads][cell] in that order,
+    // one set per run.
+    virtual bool score_heads(llama_context * ctx, llama_kv_cache * kv, const triattention_candidates & c,
+                             const std::vector<triattention_heads> & heads, triattention_scores & out) = 0;
 };
 
 // The scorer of params.method (not NONE); centres must outlive it (TRI reads them at every compression).
@@ -70,11 +75,8 @@ std::unique_ptr<triattention_observed_attention> triattention_snapkv_scorer(llam
 
 constexpr int TRIATTENTION_N_SINKS  = 4;  // streaming: attention sinks at the start of the sequence
 
-// Elementwise max(a, b) from ops that every backend has.
-ggml_tensor * triattention_max2(ggml_context * g, ggml_tensor * a, ggml_tensor * b);
-
 // Computes gf on the cache's backends (set_inputs fills its inputs), then reads per_layer, each
-// [n_kv, n_head_kv] f32, into out as one set per layer.
+// [n_kv, n_head_kv] f32 (or a run of fewer heads), into out as one set each, in order.
 template <typename F>
 bool triattention_run_layers(const llama_context * ctx, ggml_cgraph * gf, const std::vector<ggml_tensor *> & per_layer,
                              F && set_inputs, triattention_scores & out) {
@@ -82,11 +84,11 @@ bool triattention_run_layers(const llama_context * ctx, ggml_cgraph * gf, const 
         triattention_fail("the scoring graph failed");
         return false;
     }
-    const size_t n = per_layer.empty() ? 0 : (size_t) ggml_nelements(per_layer[0]);
-    out.v.resize(n * per_layer.size());
+    out.v.clear();
     out.n_sets = (int32_t) per_layer.size();
-    for (size_t i = 0; i < per_layer.size(); ++i) {
-        ggml_backend_tensor_get(per_layer[i], out.v.data() + i * n, 0, n * sizeof(float));
+    for (ggml_tensor * t : per_layer) {
+        out.v.resize(out.v.size() + ggml_nelements(t));
+        ggml_backend_tensor_get(t, out.v.data() + out.v.size() - ggml_nelements(t), 0, ggml_nbytes(t));
     }
     return true;
 }

@@ -48,6 +48,20 @@ std::vector<float> pack_queries(const ggml_tensor * q, const ggml_tensor * w, co
     return packed;
 }
 
+// x = sqrt(x) elementwise, 8 at a time where AVX is: one scalar root per pair was a fifth of the
+// scoring time.
+void sqrt_in_place(float * x, int n) {
+    int i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    for (; i + 8 <= n; i += 8) {
+        _mm256_storeu_ps(x + i, _mm256_sqrt_ps(_mm256_loadu_ps(x + i)));
+    }
+#endif
+    for (; i < n; ++i) {
+        x[i] = std::sqrt(x[i]);
+    }
+}
+
 // The features of the key of cell c in KV head hk.
 void key_features(const ggml_tensor * k, int64_t c, int64_t hk, bool neox, int n_rot, bool hadamard,
                   const score_shape & sh, float * feat) {
@@ -60,11 +74,13 @@ void key_features(const ggml_tensor * k, int64_t c, int64_t hk, bool neox, int n
     if (hadamard) {
         triattn_fwht(feat, sh.head_dim);
     }
+    float * norms = feat + sh.head_dim;
     for (int f = 0; f < sh.head_dim / 2; ++f) {
         int re, im;
         triattn_pair_dims(f, neox, n_rot, &re, &im);
-        feat[sh.head_dim + f] = std::sqrt(feat[re] * feat[re] + feat[im] * feat[im]);
+        norms[f] = feat[re] * feat[re] + feat[im] * feat[im];
     }
+    sqrt_in_place(norms, sh.head_dim / 2);
 }
 
 // acc[t][j] = sum_i feat[t][i] * p[i][j]: a tile of cells against a block of query rows.
