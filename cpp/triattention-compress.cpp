@@ -233,6 +233,15 @@ triattention_params triattention_default_params(void) {
     return { TRIATTENTION_METHOD_NONE, 2048, 128, TRIATTENTION_SELECT_PER_LAYER_HEAD, 0, 0, TRIATTENTION_MAX_HORIZON, 0.0f };
 }
 
+// A fresh scorer for st.params: random reseeded, no snapkv window, tri's spread heads from the
+// centres set now.
+static void renew_scorer(llama_context * ctx, state & st) {
+    if (st.scorer) {
+        st.scorer->release(ctx);
+    }
+    st.scorer = triattention_make_scorer(ctx, st.params, st.centres);
+}
+
 int32_t triattention_set_params(llama_context * ctx, triattention_params params) {
     triattention_clear_error();
     if (params.method < TRIATTENTION_METHOD_NONE || params.method > TRIATTENTION_METHOD_SNAPKV) {
@@ -300,11 +309,8 @@ int32_t triattention_set_params(llama_context * ctx, triattention_params params)
     if (params.method != TRIATTENTION_METHOD_NONE && !prefix_fits(st.keep_prefix, params)) {
         return triattention_fail(prefix_misfit(st.keep_prefix, params));
     }
-    if (st.scorer) {
-        st.scorer->release(ctx);
-    }
-    st.scorer = triattention_make_scorer(ctx, params, st.centres);  // a fresh one: random reseeded, no snapkv window
     st.params = params;
+    renew_scorer(ctx, st);
     return 0;
 }
 
@@ -322,6 +328,9 @@ int32_t triattention_set_centers(llama_context * ctx, const float * q_mean_real,
     st.centres.q_im.assign(q_mean_imag, q_mean_imag + n);
     st.centres.q_abs.assign(q_abs_mean, q_abs_mean + n);
     st.centres.n_clusters = 0;  // clusters belong to the centres they were calibrated with
+    if (st.params.method == TRIATTENTION_METHOD_TRI) {
+        renew_scorer(ctx, st);  // its spread heads come from the centres
+    }
     return 0;
 }
 

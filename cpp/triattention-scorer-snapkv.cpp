@@ -75,9 +75,14 @@ struct group_inputs {
 
 class snapkv_scorer : public triattention_observed_attention {
 public:
-    explicit snapkv_scorer(llama_context * ctx)
-        : windows(ctx->get_model().hparams.n_layer()), layers(triattention_kv_cache(ctx)->get_layer_ids()) {
-        // observe the query nodes, passing every node on to the context's own eval callback
+    snapkv_scorer(llama_context * ctx, const std::vector<int32_t> & watch)
+        : windows(ctx->get_model().hparams.n_layer()), layers(triattention_kv_cache(ctx)->get_layer_ids()),
+          watched(windows.size(), false) {
+        for (int32_t li : watch) {
+            watched[layers[li]] = true;
+        }
+        first_watched = layers[watch.front()];
+        // observe the watched layers' query nodes, passing every node on to the context's own eval callback
         chained      = ctx->get_cparams().cb_eval;
         chained_data = ctx->get_cparams().cb_eval_user_data;
         ctx->set_eval_callback(observe, this);
@@ -96,7 +101,7 @@ public:
     }
 
     llama_pos keep_from(const triattention_candidates & c) const override {
-        return ready(c) ? windows[layers[0]].pos.front() : -1;
+        return ready(c) ? windows[first_watched].pos.front() : -1;
     }
 
     bool score(llama_context * ctx, llama_kv_cache * kv, const triattention_candidates & c,
@@ -119,7 +124,7 @@ public:
         const llama_hparams & hp = ctx->get_model().hparams;
         const int64_t head_dim = hp.n_embd_head_k(layers[0]), n_head = hp.n_head(layers[0]);
         const int64_t n_gqa = n_head / c.n_head_kv;
-        const std::vector<llama_pos> & wpos = windows[layers[0]].pos;
+        const std::vector<llama_pos> & wpos = windows[first_watched].pos;
         const int64_t n_win = (int64_t) wpos.size();
         const float scale = hp.f_attention_scale == 0.0f ? 1.0f / std::sqrt((float) head_dim) : hp.f_attention_scale;
         // the candidate groups the listed layers read: each its own under per-layer-head selection, else one
@@ -186,13 +191,14 @@ public:
         }, out);
     }
 
-    // Whether every compressed layer captured the same window of queries, all already in the cache.
+    // Whether every watched layer captured the same window of queries, all already in the cache.
     bool ready(const triattention_candidates & c) const override {
-        const std::vector<llama_pos> & first = windows[layers[0]].pos;
+        const std::vector<llama_pos> & first = windows[first_watched].pos;
         if (first.empty() || first.back() > c.newest) {
             return false;
         }
-        return std::all_of(layers.begin(), layers.end(), [&](uint32_t il) { return windows[il].pos == first; });
+        return std::all_of(layers.begin(), layers.end(),
+                           [&](uint32_t il) { return !watched[il] || windows[il].pos == first; });
     }
 
 private:
@@ -205,13 +211,15 @@ private:
     };
     std::vector<query_window> windows;
     std::vector<uint32_t> layers;  // the compressed layers
+    std::vector<bool> watched;     // per model layer: whether its queries are captured
+    uint32_t first_watched = 0;
     ggml_backend_sched_eval_callback chained = nullptr;  // the context's own eval callback
     void * chained_data = nullptr;
 
-    // Keep the last SNAP_WINDOW tokens of a layer's post-RoPE query t.
+    // Keep the last SNAP_WINDOW tokens of a watched layer's post-RoPE query t.
     void capture(const ggml_tensor * t) {
         const int il = triattention_layer_of(t->name);
-        if (il < 0 || il >= (int) windows.size() || t->type != GGML_TYPE_F32 || t->nb[0] != sizeof(float)) {
+        if (t->type != GGML_TYPE_F32 || t->nb[0] != sizeof(float)) {
             return;
         }
         query_window & w = windows[il];
@@ -233,12 +241,17 @@ private:
         }
     }
 
-    // The eval callback: asks for the query nodes, and passes every node on to the eval callback
+    bool is_watched(const ggml_tensor * t) const {
+        const int il = triattention_layer_of(t->name);
+        return il >= 0 && il < (int) watched.size() && watched[il];
+    }
+
+    // The eval callback: asks for the watched query nodes, and passes every node on to the eval callback
     // the context had before (only those it asks for, and its answer stops the graph as usual).
     static bool observe(ggml_tensor * t, bool ask, void * user_data) {
         auto & self = *static_cast<snapkv_scorer *>(user_data);
         const bool theirs = self.chained != nullptr && self.chained(t, true, self.chained_data);
-        const bool ours = triattention_is_query_rope(t);
+        const bool ours = triattention_is_query_rope(t) && self.is_watched(t);
         if (ask) {
             return theirs || ours;
         }
@@ -251,6 +264,7 @@ private:
 
 }  // namespace
 
-std::unique_ptr<triattention_observed_attention> triattention_snapkv_scorer(llama_context * ctx) {
-    return std::make_unique<snapkv_scorer>(ctx);
+std::unique_ptr<triattention_observed_attention> triattention_snapkv_scorer(llama_context * ctx,
+                                                                           const std::vector<int32_t> & watch) {
+    return std::make_unique<snapkv_scorer>(ctx, watch);
 }

@@ -19,8 +19,8 @@ namespace {
 class tri_scorer : public triattention_scorer {
 public:
     tri_scorer(llama_context * ctx, const triattention_centres & centres, int32_t horizon, float min_concentration)
-        : centres(centres), horizon(horizon), min_concentration(min_concentration),
-          observer(min_concentration > 0.0f ? triattention_snapkv_scorer(ctx) : nullptr) {}
+        : centres(centres), horizon(horizon), spread(spread_heads(ctx, centres, min_concentration)),
+          observer(spread.empty() ? nullptr : triattention_snapkv_scorer(ctx, layers_of(spread))) {}
 
     void on_batch(llama_pos first) override {
         if (observer) {
@@ -67,43 +67,29 @@ public:
             }, out)) {
             return false;
         }
-        return min_concentration <= 0.0f || score_spread_rows(ctx, kv, c, layers, n_head, head_dim, out);
+        return spread.empty() || score_spread_rows(ctx, kv, c, out);
     }
 
 private:
     const triattention_centres & centres;
     const int32_t horizon;
-    const float min_concentration;
-    // the spread heads' observed attention (the eval callback that captures the queries); null when
-    // min_concentration is 0
+    // the spread heads, as runs of consecutive KV heads, from the centres set when the scorer was
+    // made (setting others makes a new scorer); none when min_concentration is 0
+    const std::vector<triattention_heads> spread;
+    // their observed attention (the eval callback that captures their layers' queries); null without
     const std::unique_ptr<triattention_observed_attention> observer;
 
     // Overwrites the spread rows of out with z-scored recency, plus, once queries were observed, the
-    // z-scored attention they gave. Only the spread heads are scored by attention.
+    // z-scored attention they gave.
     bool score_spread_rows(llama_context * ctx, llama_kv_cache * kv, const triattention_candidates & c,
-                           const std::vector<uint32_t> & layers, int64_t n_head, int64_t head_dim,
                            triattention_scores & out) {
-        const std::vector<bool> spread = spread_rows(layers, n_head, head_dim / 2, c.n_head_kv);
-        std::vector<triattention_heads> runs;  // of consecutive spread heads
-        for (int32_t li = 0; li < (int32_t) layers.size(); ++li) {
-            for (int32_t hk = 0; hk < c.n_head_kv; ++hk) {
-                if (!spread[li * c.n_head_kv + hk]) {
-                    continue;
-                }
-                if (!runs.empty() && runs.back().layer == li && runs.back().first + runs.back().count == hk) {
-                    runs.back().count++;
-                } else {
-                    runs.push_back({ li, hk, 1 });
-                }
-            }
-        }
         triattention_scores observed;
-        const bool have_observed = !runs.empty() && observer->ready(c);
-        if (have_observed && !observer->score_heads(ctx, kv, c, runs, observed)) {
+        const bool have_observed = observer->ready(c);
+        if (have_observed && !observer->score_heads(ctx, kv, c, spread, observed)) {
             return false;
         }
         size_t observed_row = 0;  // the runs' rows, in order
-        for (const triattention_heads & run : runs) {
+        for (const triattention_heads & run : spread) {
             for (int32_t hk = run.first; hk < run.first + run.count; ++hk, ++observed_row) {
                 float * row = out.v.data() + ((size_t) run.layer * c.n_head_kv + hk) * c.n_kv;
                 const llama_pos * pos = c.row(c.n_groups == 1 ? 0 : run.layer, hk);
@@ -120,28 +106,48 @@ private:
         return true;
     }
 
-    // [layer][KV head] of the cache's layers: whether the query heads of that KV head have a mean
-    // concentration R = sum_f |E q_f| / sum_f E|q_f| below min_concentration.
-    std::vector<bool> spread_rows(const std::vector<uint32_t> & layers, int64_t n_head, int n_pairs,
-                                  int32_t n_head_kv) const {
-        std::vector<bool> spread(layers.size() * n_head_kv, false);
-        const int64_t n_gqa = n_head / n_head_kv;
-        for (size_t li = 0; li < layers.size(); ++li) {
-            for (int32_t hk = 0; hk < n_head_kv; ++hk) {
+    // The KV heads of the cache's layers whose query heads have a mean concentration
+    // R = sum_f |E q_f| / sum_f E|q_f| below min_concentration, as runs of consecutive heads.
+    static std::vector<triattention_heads> spread_heads(llama_context * ctx, const triattention_centres & centres,
+                                                        float min_concentration) {
+        const llama_hparams & hp = ctx->get_model().hparams;
+        const std::vector<uint32_t> layers = triattention_kv_cache(ctx)->get_layer_ids();
+        const int64_t n_head = hp.n_head(layers[0]), n_head_kv = hp.n_head_kv(layers[0]);
+        const int64_t n_gqa = n_head / n_head_kv, n_pairs = hp.n_embd_head_k(layers[0]) / 2;
+        std::vector<triattention_heads> runs;
+        for (int32_t li = 0; li < (int32_t) layers.size(); ++li) {
+            for (int32_t hk = 0; hk < (int32_t) n_head_kv; ++hk) {
                 double r = 0.0;
                 for (int64_t h = hk * n_gqa; h < (hk + 1) * n_gqa; ++h) {
                     double centre = 0.0, magnitude = 0.0;
-                    for (int f = 0; f < n_pairs; ++f) {
+                    for (int64_t f = 0; f < n_pairs; ++f) {
                         const size_t i = ((size_t) layers[li] * n_head + h) * n_pairs + f;
                         centre += std::hypot(centres.q_re[i], centres.q_im[i]);
                         magnitude += centres.q_abs[i];
                     }
                     r += magnitude > 0.0 ? centre / magnitude : 0.0;
                 }
-                spread[li * n_head_kv + hk] = r / (double) n_gqa < (double) min_concentration;
+                if (r / (double) n_gqa >= (double) min_concentration) {
+                    continue;
+                }
+                if (!runs.empty() && runs.back().layer == li && runs.back().first + runs.back().count == hk) {
+                    runs.back().count++;
+                } else {
+                    runs.push_back({ li, hk, 1 });
+                }
             }
         }
-        return spread;
+        return runs;
+    }
+
+    static std::vector<int32_t> layers_of(const std::vector<triattention_heads> & runs) {
+        std::vector<int32_t> layers;
+        for (const triattention_heads & run : runs) {
+            if (layers.empty() || layers.back() != run.layer) {
+                layers.push_back(run.layer);
+            }
+        }
+        return layers;
     }
 
     // Z-scores a row over the cells it holds (0 for an empty one), on the scale of the z-scored rows

@@ -3,6 +3,7 @@
 
 #include "llama-model.h"
 
+#include <numeric>
 #include <random>
 
 // One set per candidate group, value(position) for each held token, 0 for an empty cell.
@@ -78,7 +79,11 @@ std::unique_ptr<triattention_scorer> triattention_make_scorer(llama_context * ct
         case TRIATTENTION_METHOD_STREAMING: return std::make_unique<streaming_scorer>();
         case TRIATTENTION_METHOD_KNORM:     return std::make_unique<knorm_scorer>();
         case TRIATTENTION_METHOD_RANDOM:    return std::make_unique<random_scorer>(params.seed);
-        case TRIATTENTION_METHOD_SNAPKV:    return triattention_snapkv_scorer(ctx);
+        case TRIATTENTION_METHOD_SNAPKV: {
+            std::vector<int32_t> every(triattention_kv_cache(ctx)->get_layer_ids().size());
+            std::iota(every.begin(), every.end(), 0);
+            return triattention_snapkv_scorer(ctx, every);
+        }
         default:                            return nullptr;
     }
 }

@@ -67,7 +67,10 @@ std::unique_ptr<triattention_scorer> triattention_make_scorer(llama_context * ct
 // The scorers with a source file of their own.
 std::unique_ptr<triattention_scorer> triattention_tri_scorer(llama_context * ctx, const triattention_centres & centres,
                                                             int32_t horizon, float min_concentration);
-std::unique_ptr<triattention_observed_attention> triattention_snapkv_scorer(llama_context * ctx);
+// snapkv's scorer, capturing the queries of the listed compressed layers (indices into the cache's
+// layers, at least one): every one for snapkv, only those with a spread head for tri.
+std::unique_ptr<triattention_observed_attention> triattention_snapkv_scorer(llama_context * ctx,
+                                                                           const std::vector<int32_t> & watch);
 
 //
 // Helpers for scorers that build a graph over the cache's layers

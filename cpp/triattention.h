@@ -111,8 +111,8 @@ struct triattention_params {
     float    min_concentration;  // TRI: a (layer, KV head) whose query heads' mean calibrated concentration
                                  // R is below this is scored by recency (the attention sinks first) plus the
                                  // attention its latest 8 queries gave (snapkv's), each z-scored; the queries
-                                 // are captured with the context's eval callback (0, the default: none, as
-                                 // the reference)
+                                 // of those layers are captured with the context's eval callback (0, the
+                                 // default: none, as the reference)
 };
 
 struct triattention_stats {
@@ -152,7 +152,8 @@ LLAMA_API int32_t triattention_cells_before(const struct llama_context * ctx, ll
 // Returns 0, or -1 (see triattention_last_error).
 LLAMA_API int32_t triattention_set_params(struct llama_context * ctx, struct triattention_params params);
 
-// The query centres, [n_layer][n_head][head_dim/2] each (as stored in the GGUF metadata).
+// The query centres, [n_layer][n_head][head_dim/2] each (as stored in the GGUF metadata). Set
+// while method TRI is on, they choose its spread heads anew (min_concentration).
 LLAMA_API int32_t triattention_set_centers(struct llama_context * ctx, const float * q_mean_real,
                                            const float * q_mean_imag, const float * q_abs_mean, int64_t n);
 

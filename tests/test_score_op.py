@@ -175,3 +175,37 @@ def test_engine_keeps_the_top_budget_of_algorithm_md(model, select, horizon, spr
             expected = set(np.argsort(-total[group, hk], kind="stable")[:budget])
             overlap = len(expected & set(kept[group, hk]))
             assert overlap >= budget - 1, (group, hk, overlap)  # float32 vs float64 may swap one near-tie
+
+
+def test_centres_set_after_the_parameters_choose_the_spread_heads(centres_of):
+    """tri's spread heads come from the centres set last. Centres whose every head has R = 1 (each
+    E|q_f| set to |E q_f|) have no spread head at 0.7: set after parameters chosen with SmolLM2's
+    own centres (which have some), the kept sets are those of the concentrated centres from the start,
+    and the other way round those of SmolLM2's own."""
+    from triattention_gguf.compression import compress, configure, last_kept, set_centers
+
+    path, own = centres_of["smollm2"]
+    concentrated = dataclasses.replace(own, q_abs_mean=np.abs(own.q_mean), cluster_mean=None, cluster_abs_mean=None)
+    own = dataclasses.replace(own, cluster_mean=None, cluster_abs_mean=None)  # set_centers sets both
+    assert (own.kv_head_concentration() < 0.7).any() and not (concentrated.kv_head_concentration() < 0.7).any()
+    budget = 64
+    with loaded_model(path) as mdl:
+        facts = facts_of(path, open_gguf(path), mdl)
+        tokens = tokenize(mdl, default_text()[:6000])[:160]
+
+        def kept(first, then=None):
+            with model_context(mdl, n_ctx=512, n_threads=2, n_ubatch=32) as ctx:
+                configure(ctx, "tri", budget, 32, centers=first, min_concentration=0.7)
+                if then is not None:
+                    set_centers(ctx, then)
+                for start in range(0, len(tokens), 32):  # 8 queries observed before the compression
+                    chunk = tokens[start:start + 32]
+                    assert ll.llama_decode(ctx, ll.llama_batch_get_one((ll.llama_token * len(chunk))(*chunk),
+                                                                       len(chunk))) == 0
+                compress(ctx)
+                return last_kept(ctx, facts.n_head_kv, budget)
+
+        by_own, by_concentrated = kept(own), kept(concentrated)
+        assert not np.array_equal(by_own, by_concentrated)
+        assert np.array_equal(kept(own, then=concentrated), by_concentrated)
+        assert np.array_equal(kept(concentrated, then=own), by_own)

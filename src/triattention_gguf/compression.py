@@ -71,17 +71,22 @@ def configure(ctx, method: str, budget: int = 2048, divide_length: int = 128, se
     and scores the heads whose concentration is below min_concentration by recency and observed attention."""
     check_arguments(method, budget, divide_length, select, keep_recent, horizon, min_concentration)
     if centers is not None:
-        arrays = _flat_f32(centers.q_mean.real, centers.q_mean.imag, centers.q_abs_mean)
-        _check(lib.triattention_set_centers(ctx, *(a.ctypes.data_as(_f32p) for a in arrays), arrays[0].size),
-               "centres")
-        arrays = _flat_f32(centers.cluster_mean.real, centers.cluster_mean.imag, centers.cluster_abs_mean)
-        _check(lib.triattention_set_clusters(ctx, *(a.ctypes.data_as(_f32p) for a in arrays), centers.n_clusters,
-                                             arrays[0].size), "query clusters")
+        set_centers(ctx, centers)
     params = lib.triattention_default_params()
     params.method, params.budget, params.divide_length = METHODS[method], budget, divide_length
     params.select, params.seed, params.keep_recent, params.horizon = SELECT_MODES[select], seed, keep_recent, horizon
     params.min_concentration = min_concentration
     _check(lib.triattention_set_params(ctx, params), "compression parameters")
+
+
+def set_centers(ctx, centers: Centers) -> None:
+    """Give ctx's compression the centres and query clusters tri scores with. Set after tri's
+    parameters, they also choose its spread heads anew (its snapkv window of them starts again)."""
+    arrays = _flat_f32(centers.q_mean.real, centers.q_mean.imag, centers.q_abs_mean)
+    _check(lib.triattention_set_centers(ctx, *(a.ctypes.data_as(_f32p) for a in arrays), arrays[0].size), "centres")
+    arrays = _flat_f32(centers.cluster_mean.real, centers.cluster_mean.imag, centers.cluster_abs_mean)
+    _check(lib.triattention_set_clusters(ctx, *(a.ctypes.data_as(_f32p) for a in arrays), centers.n_clusters,
+                                         arrays[0].size), "query clusters")
 
 
 def keep_prefix(ctx, n: int) -> None:
