@@ -40,17 +40,22 @@ ggml_tensor * snapkv_layer(ggml_context * g, ggml_tensor * keys, ggml_tensor * q
 }
 
 // One candidate group's mask [KV head][token][cell] over the window positions wpos, and each query
-// head's cells in position order [head][cell] with its inverse.
+// head's cells in position order [head][cell] with its inverse, for the KV heads scored (`scored`
+// [KV head]; the others' entries are left 0 and never read: tri scores few heads of a layer).
 struct group_inputs {
     std::vector<float>   mask;
     std::vector<int32_t> order, rank;
 
-    group_inputs(const triattention_candidates & c, int32_t group, int64_t n_head, const std::vector<llama_pos> & wpos) {
+    group_inputs(const triattention_candidates & c, int32_t group, int64_t n_head, const std::vector<llama_pos> & wpos,
+                 const std::vector<bool> & scored) {
         const int64_t n_gqa = n_head / c.n_head_kv;
         mask.resize((size_t) c.n_head_kv * wpos.size() * c.n_kv);
         order.resize((size_t) n_head * c.n_kv);
         rank.resize(order.size());
         for (int32_t hk = 0; hk < c.n_head_kv; ++hk) {
+            if (!scored[hk]) {
+                continue;
+            }
             const llama_pos * pos = c.row(group, hk);
             for (size_t j = 0; j < wpos.size(); ++j) {
                 float * row = mask.data() + (hk * wpos.size() + j) * c.n_kv;
@@ -179,7 +184,13 @@ public:
         }
         std::vector<group_inputs> groups;
         for (int32_t gi : groups_used) {
-            groups.emplace_back(c, gi, n_head, wpos);
+            std::vector<bool> scored(c.n_head_kv, false);
+            for (const triattention_heads & run : heads) {
+                if (group_of(run) == gi) {
+                    std::fill_n(scored.begin() + run.first, run.count, true);
+                }
+            }
+            groups.emplace_back(c, gi, n_head, wpos, scored);
         }
         return triattention_run_layers(ctx, gf, outputs, [&] {
             ggml_backend_tensor_set(q_win, q.data(), 0, ggml_nbytes(q_win));

@@ -176,9 +176,14 @@ void ggml_compute_forward_triattn_score(const ggml_compute_params * params, ggml
     sh.n_head_kv = k->ne[1];
     sh.n_kv      = k->ne[2];
     sh.n_gqa     = q->ne[1] / sh.n_head_kv;
-    // 8 rows suit the few query heads of a GQA group; 16 the dozens of rows of query clusters
+    // 8 rows suit the few query heads of a GQA group; the dozens of rows of query clusters take
+    // blocks of 16 or 24, whichever pads fewer (a padded row costs as much as a real one: SmolLM2's
+    // 24 rows a KV head took 32 in blocks of 16)
+    const auto padded = [&](int64_t rows) { return (sh.n_gqa + rows - 1) / rows * rows; };
     if (sh.n_gqa <= 8) {
         score_cells<8>(params, dst, sh);
+    } else if (padded(24) < padded(16)) {
+        score_cells<24>(params, dst, sh);
     } else {
         score_cells<16>(params, dst, sh);
     }

@@ -50,9 +50,12 @@ def reference_scores(keys, pos, t, centres, omega_l, il, cluster, rotated):
 
 @pytest.fixture(scope="module")
 def centres_of(smollm2_path, qwen_path, gemma3_path):
-    paths = {"smollm2": smollm2_path, "qwen": qwen_path, "gemma3": gemma3_path}
-    return {name: (path, compute_centers(path, max_tokens=256, n_threads=2, progress=False, clusters=4))
-            for name, path in paths.items()}
+    # clusters that give the op each shape of its blocks of query rows: a KV head's rows are its query
+    # heads times the clusters, SmolLM2 3 x 4 = 12 (a block of 16, padded), Qwen2.5 7 x 5 = 35 (three
+    # of 16, padded), Gemma 3 4 x 6 = 24 (one of 24)
+    models = {"smollm2": (smollm2_path, 4), "qwen": (qwen_path, 5), "gemma3": (gemma3_path, 6)}
+    return {name: (path, compute_centers(path, max_tokens=256, n_threads=2, progress=False, clusters=clusters))
+            for name, (path, clusters) in models.items()}
 
 
 @pytest.mark.parametrize("k_type", K_TYPES)
