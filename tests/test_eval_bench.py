@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from triattention_gguf.cli import main
+from triattention_gguf.compression import CompressionError
+from triattention_gguf.harness import Config
 
 METHODS = ["none", "tri", "streaming", "knorm", "random", "snapkv"]
 
@@ -86,13 +88,32 @@ def test_generate_needs_a_chat_template_llama_cpp_knows(template, message, centr
 def test_windows_are_pooled(centred, tmp_path):
     out = tmp_path / "windows"
     assert main(["eval", centred, "--tokens", "320", "--windows", "2", "--budgets", "96", "--methods",
-                 "none,tri/shared,tri/shared+recent", "--retrieval-trials", "0", "--threads", "2", "--quiet", "--out",
+                 "none,tri/shared,tri/shared+recent,tri/shared+recent8", "--retrieval-trials", "0", "--threads", "2",
+                 "--quiet", "--out",
                  str(out)]) == 0
     rows = {r["method"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
     assert rows["tri/shared"]["sequences"] == 2 and rows["tri/shared"]["positions"] == 2 * 319
     assert rows["tri/shared"]["recall"] is not None and "vs" not in rows["tri/shared"]  # no baseline to pair with
     # the newest quarter of the budget kept outright: a different kept set, so different measures
     assert rows["tri/shared+recent"]["compressions"] > 0 and rows["tri/shared+recent"]["kl"] != rows["tri/shared"]["kl"]
+    assert rows["tri/shared+recent8"]["kl"] not in (rows["tri/shared"]["kl"], rows["tri/shared+recent"]["kl"])
+
+
+@pytest.mark.parametrize("spec, name, keep_recent", [
+    ("tri+recent", "tri+recent", 96), ("tri+recent4", "tri+recent", 96),
+    ("tri+recent8+horizon4", "tri+recent8+horizon4", 48),
+    ("snapkv+prompt+recent1", "snapkv+recent1+prompt", 384), ("tri+horizon4", "tri+horizon4", 0),
+])
+def test_recent_suffix_keeps_the_newest_budget_over_n(spec, name, keep_recent):
+    config = Config.parse(spec, 384)
+    assert (config.name, config.keep_recent) == (name, keep_recent)
+    assert Config.parse(config.name, 384) == config
+
+
+@pytest.mark.parametrize("spec", ["tri+recent0", "tri+recent-2", "tri+recentx"])
+def test_recent_suffix_needs_a_positive_share(spec):
+    with pytest.raises(CompressionError, match=r"use \+recent\[N\]"):
+        Config.parse(spec, 384)
 
 
 def test_recall_and_retrieval_can_be_left_out_but_not_negative(centred, tmp_path, capsys):
@@ -139,7 +160,7 @@ def test_bad_arguments_are_usage_errors(centred, tmp_path, capsys):
     assert main(["eval", centred, "--methods", "tri/per-layer", "--out", str(tmp_path)]) == 2
     assert "unknown select mode 'per-layer' in 'tri/per-layer'" in capsys.readouterr().err
     assert main(["eval", centred, "--methods", "tri+recnt", "--out", str(tmp_path)]) == 2
-    assert ("unknown suffix +recnt in 'tri+recnt'; use +recent, +prompt, +horizonN (tri's horizon in tokens) and/or "
+    assert ("unknown suffix +recnt in 'tri+recnt'; use +recent[N], +prompt, +horizonN (tri's horizon in tokens) and/or "
             "+concR" in capsys.readouterr().err)
     assert main(["eval", centred, "--methods", "tri+horizon0", "--out", str(tmp_path)]) == 2
     assert "kv_horizon must be between 1 and 65536 tokens (got 0)" in capsys.readouterr().err

@@ -389,8 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "attention recall, retrieval; table, JSON and plot")
     measure_options(ev, "eval", "1024 tokens, budgets 1/4 and 256")
     ev.add_argument("--methods", default="none,tri,streaming,knorm,random,snapkv",
-                    help="method specs name[/select][+recent][+prompt][+horizonN][+concR]: tri/per-head is tri with "
-                         "per-head selection, snapkv+prompt keeps the prompt, tri+horizon4 predicts 4 tokens ahead, "
+                    help="method specs name[/select][+recent[N]][+prompt][+horizonN][+concR]: tri/per-head is tri "
+                         "with per-head selection, tri+recent never evicts the newest quarter of the budget (tri+recent8 "
+                         "an eighth), snapkv+prompt keeps the prompt, tri+horizon4 predicts 4 tokens ahead, "
                          "tri+conc0.72 scores heads with concentration below 0.72 by recency and observed attention "
                          "(default: none,tri,streaming,knorm,random,snapkv)")
     ev.add_argument("--budgets", default=None, help="cells (1024) or fractions of the text (1/4), comma-separated "

@@ -17,8 +17,8 @@ from triattention_gguf.modelinfo import ModelFacts, model_context
 
 FULL = "none"
 KEEP_PROMPT = "+prompt"  # a method spec's suffix: the prompt is never evicted (generate eval)
-KEEP_RECENT = "+recent"  # a method spec's suffix: the newest RECENT_SHARE of the budget is never evicted
-RECENT_SHARE = 4         # keep_recent = budget // RECENT_SHARE
+KEEP_RECENT = "+recent"  # a method spec's suffix, with a number N or not: the newest budget // N tokens
+RECENT_SHARE = 4         # (N = RECENT_SHARE without one) are never evicted, e.g. tri+recent, tri+recent8
 HORIZON = "+horizon"     # a method spec's suffix with a number: tri's horizon, e.g. tri+horizon4
 CONCENTRATION = "+conc"  # a method spec's suffix with a number: tri's min_concentration, e.g. tri+conc0.72
 
@@ -29,36 +29,37 @@ class Config:
     budget: int = 0  # 0 for the full cache
     select: str = DEFAULT_SELECT
     keep_prompt: bool = False
-    recent: bool = False  # keep the newest budget // RECENT_SHARE tokens
+    recent: int = 0  # keep the newest budget // recent tokens (0: none)
     horizon: int = MAX_HORIZON
     min_concentration: float = MIN_CONCENTRATION
 
     @classmethod
     def parse(cls, spec: str, budget: int = 0) -> "Config":
-        """A method spec: name[/select][+recent][+prompt][+horizonN][+concR], e.g. "tri", "tri/per-head",
-        "tri+recent", "snapkv+prompt", "tri+horizon4", "tri+conc0.72"."""
+        """A method spec: name[/select][+recent[N]][+prompt][+horizonN][+concR], e.g. "tri", "tri/per-head",
+        "tri+recent", "tri+recent8", "snapkv+prompt", "tri+horizon4", "tri+conc0.72"."""
         name, *suffixes = spec.split("+")
-        flags, horizon, min_concentration = set(), MAX_HORIZON, MIN_CONCENTRATION
+        flags, recent, horizon, min_concentration = set(), 0, MAX_HORIZON, MIN_CONCENTRATION
         for suffix in (f"+{s}" for s in suffixes):
-            if match := re.fullmatch(re.escape(HORIZON) + r"(\d+)", suffix):
+            if match := re.fullmatch(re.escape(KEEP_RECENT) + r"([1-9]\d*)?", suffix):
+                recent = int(match.group(1) or RECENT_SHARE)
+            elif match := re.fullmatch(re.escape(HORIZON) + r"(\d+)", suffix):
                 horizon = int(match.group(1))
             elif match := re.fullmatch(re.escape(CONCENTRATION) + r"(\d+(?:\.\d+)?)", suffix):
                 min_concentration = float(match.group(1))
-            elif suffix in (KEEP_PROMPT, KEEP_RECENT):
+            elif suffix == KEEP_PROMPT:
                 flags.add(suffix)
             else:
-                raise CompressionError(f"unknown suffix {suffix} in {spec!r}; use {KEEP_RECENT}, {KEEP_PROMPT}, "
+                raise CompressionError(f"unknown suffix {suffix} in {spec!r}; use {KEEP_RECENT}[N], {KEEP_PROMPT}, "
                                        f"{HORIZON}N (tri's horizon in tokens) and/or {CONCENTRATION}R (tri's "
                                        f"min_concentration)")
         method, _, select = name.partition("/")
         if select and select not in SELECT_MODES:
             raise CompressionError(f"unknown select mode {select!r} in {spec!r}; choose one of {', '.join(SELECT_MODES)}")
-        return cls(method, budget, select or DEFAULT_SELECT, KEEP_PROMPT in flags, KEEP_RECENT in flags, horizon,
-                   min_concentration)
+        return cls(method, budget, select or DEFAULT_SELECT, KEEP_PROMPT in flags, recent, horizon, min_concentration)
 
     @property
     def keep_recent(self) -> int:
-        return self.budget // RECENT_SHARE if self.recent else 0
+        return self.budget // self.recent if self.recent else 0
 
     @property
     def name(self) -> str:
@@ -69,8 +70,8 @@ class Config:
         horizon = "" if self.horizon == MAX_HORIZON else f"{HORIZON}{self.horizon}"
         concentration = ("" if self.min_concentration == MIN_CONCENTRATION
                          else f"{CONCENTRATION}{self.min_concentration:g}")
-        return (f"{self.method}{select}{KEEP_RECENT if self.recent else ''}{KEEP_PROMPT if self.keep_prompt else ''}"
-                f"{horizon}{concentration}")
+        recent = "" if not self.recent else KEEP_RECENT if self.recent == RECENT_SHARE else f"{KEEP_RECENT}{self.recent}"
+        return f"{self.method}{select}{recent}{KEEP_PROMPT if self.keep_prompt else ''}{horizon}{concentration}"
 
     @property
     def label(self) -> str:
