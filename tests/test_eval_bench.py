@@ -89,8 +89,7 @@ def test_windows_are_pooled(centred, tmp_path):
     out = tmp_path / "windows"
     assert main(["eval", centred, "--tokens", "320", "--windows", "2", "--budgets", "96", "--methods",
                  "none,tri/shared,tri/shared+recent,tri/shared+recent8", "--retrieval-trials", "0", "--threads", "2",
-                 "--quiet", "--out",
-                 str(out)]) == 0
+                 "--quiet", "--out", str(out)]) == 0
     rows = {r["method"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
     assert rows["tri/shared"]["sequences"] == 2 and rows["tri/shared"]["positions"] == 2 * 319
     assert rows["tri/shared"]["recall"] is not None and "vs" not in rows["tri/shared"]  # no baseline to pair with

@@ -38,7 +38,7 @@ class Config:
         """A method spec: name[/select][+recent[N]][+prompt][+horizonN][+concR], e.g. "tri", "tri/per-head",
         "tri+recent", "tri+recent8", "snapkv+prompt", "tri+horizon4", "tri+conc0.72"."""
         name, *suffixes = spec.split("+")
-        flags, recent, horizon, min_concentration = set(), 0, MAX_HORIZON, MIN_CONCENTRATION
+        keep_prompt, recent, horizon, min_concentration = False, 0, MAX_HORIZON, MIN_CONCENTRATION
         for suffix in (f"+{s}" for s in suffixes):
             if match := re.fullmatch(re.escape(KEEP_RECENT) + r"([1-9]\d*)?", suffix):
                 recent = int(match.group(1) or RECENT_SHARE)
@@ -47,7 +47,7 @@ class Config:
             elif match := re.fullmatch(re.escape(CONCENTRATION) + r"(\d+(?:\.\d+)?)", suffix):
                 min_concentration = float(match.group(1))
             elif suffix == KEEP_PROMPT:
-                flags.add(suffix)
+                keep_prompt = True
             else:
                 raise CompressionError(f"unknown suffix {suffix} in {spec!r}; use {KEEP_RECENT}[N], {KEEP_PROMPT}, "
                                        f"{HORIZON}N (tri's horizon in tokens) and/or {CONCENTRATION}R (tri's "
@@ -55,7 +55,7 @@ class Config:
         method, _, select = name.partition("/")
         if select and select not in SELECT_MODES:
             raise CompressionError(f"unknown select mode {select!r} in {spec!r}; choose one of {', '.join(SELECT_MODES)}")
-        return cls(method, budget, select or DEFAULT_SELECT, KEEP_PROMPT in flags, recent, horizon, min_concentration)
+        return cls(method, budget, select or DEFAULT_SELECT, keep_prompt, recent, horizon, min_concentration)
 
     @property
     def keep_recent(self) -> int:
