@@ -68,30 +68,17 @@ def mamba_path(tmp_path_factory):
 def rewritten_copy(src, dest, changes: dict, tensor_edit=None) -> None:
     """src written to dest with metadata keys set ({key: (value, type, item type)}: replaced where
     src has them, added where not; a value None removes the key) and, with tensor_edit (name,
-    function), that tensor edited in a copy."""
-    import gguf
-    import numpy as np
+    function), that tensor's bytes edited in a copy."""
+    from triattention_gguf.gguf_copy import metadata_of, tensor_bytes, write_gguf
+    from triattention_gguf.modelinfo import open_gguf
 
-    reader = gguf.GGUFReader(src)
-    writer = gguf.GGUFWriter(dest, arch=str(reader.get_field("general.architecture").contents()))
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture" or field.name in changes:
-            continue
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
-    for key, (value, vtype, sub) in changes.items():
-        if value is not None:
-            writer.add_key_value(key, value, vtype, sub_type=sub)
-    for t in reader.tensors:
-        data = t.data
-        if tensor_edit and tensor_edit[0] == t.name:
-            data = np.array(data)
-            tensor_edit[1](data)
-        writer.add_tensor(t.name, data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    header = open_gguf(src)
+    metadata = metadata_of(header) | changes
+    data = tensor_bytes(header)
+    if tensor_edit:
+        data[tensor_edit[0]] = np.array(data[tensor_edit[0]])
+        tensor_edit[1](data[tensor_edit[0]])
+    write_gguf(header, dest, {k: v for k, v in metadata.items() if v[0] is not None}, data)
 
 
 def centred_copy(model: str, dest, tokens: int) -> str:

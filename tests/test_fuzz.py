@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from conftest import rewritten_copy
 
+from triattention_gguf.modelinfo import open_gguf
+
 TIMEOUT = 60
 LLAMA = ("import sys; from triattention_gguf import Llama; "
          "Llama(sys.argv[1], kv_compress='tri', n_ctx=256, verbose=False)")
@@ -79,12 +81,12 @@ T = gguf.GGUFValueType
 
 def _inf_scales(data):
     """Q4_1 blocks start with an f16 scale: make the first blocks' scales infinite."""
-    data.reshape(-1)[:20 * 20].view(np.uint8).reshape(-1, 20)[:, :2] = np.frombuffer(
+    data[:20 * 20].reshape(-1, 20)[:, :2] = np.frombuffer(
         np.float16(np.inf).tobytes(), dtype=np.uint8)
 
 
 def _centre(model, key):
-    return np.array(gguf.GGUFReader(model).get_field("triattention." + key).contents(), dtype=np.float32)
+    return np.array(open_gguf(model).metadata["triattention." + key], dtype=np.float32)
 
 
 def _array(values, item=T.FLOAT32):
@@ -185,7 +187,7 @@ def test_malformed_metadata_is_refused(mutation, model, tmp_path):
     _refused(_run([bad], LLAMA), "Llama")
     stripped = _run(["strip-centers", bad, "-o", tmp_path / "stripped.gguf"])
     assert stripped.returncode == 0, stripped.stderr
-    assert not any(k.startswith("triattention.") for k in gguf.GGUFReader(tmp_path / "stripped.gguf").fields)
+    assert not any(k.startswith("triattention.") for k in open_gguf(tmp_path / "stripped.gguf").metadata)
 
 
 def test_infinite_weight_scales_are_refused_by_calibration(model, tmp_path):

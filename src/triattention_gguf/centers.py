@@ -16,6 +16,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from triattention_gguf.gguf_check import Header
+from triattention_gguf.gguf_copy import metadata_of, tensor_bytes, write_gguf
 from triattention_gguf.methods import MAX_CLUSTERS, TUNED_SPECS
 from triattention_gguf.modelinfo import ModelFacts, ModelFileError, open_gguf
 
@@ -117,22 +119,21 @@ def _values(c: Centers) -> dict[str, object]:
     }
 
 
-def _read_fields(reader: gguf.GGUFReader) -> dict[str, object]:
+def _read_fields(header: Header) -> dict[str, object]:
     """Our keys, each exactly of the schema's type (a number stored as a string, an INT32 array
     where FLOAT32 belongs, ... is refused, never converted)."""
     out = {}
-    for name, field in reader.fields.items():
+    for name, value in header.metadata.items():
         if not name.startswith(PREFIX):
             continue
         key = name[len(PREFIX):]
         expected = _SCHEMA.get(key) or _OPTIONAL.get(key)
-        types = (field.types[0], field.types[-1] if field.types[0] == _T.ARRAY else None)
-        if expected is not None and types != expected:
+        vtype, item = header.types[name]
+        if expected is not None and (vtype, item) != expected:
             want = expected[0].name + (f" of {expected[1].name}" if expected[1] else "")
-            got = types[0].name + (f" of {types[1].name}" if types[1] else "")
-            raise CentersError(f"{reader.path}: {name} is stored as {got}, not {want}; "
-                               f"re-embed with `triattention-gguf embed-centers --force {reader.path}`")
-        value = field.contents()
+            got = _T(vtype).name + (f" of {_T(item).name}" if item is not None else "")
+            raise CentersError(f"{header.path}: {name} is stored as {got}, not {want}; "
+                               f"re-embed with `triattention-gguf embed-centers --force {header.path}`")
         out[key] = np.asarray(value, dtype=np.float32) if isinstance(value, list) else value
     return out
 
@@ -154,12 +155,12 @@ def _check_values(where: str, re: np.ndarray, im: np.ndarray, absm: np.ndarray, 
         raise CentersError(f"{where}: triattention.calibration.tokens is {tokens}; {redo}")
 
 
-def centers_from_reader(reader: gguf.GGUFReader) -> Centers | None:
-    """The centres stored in an open file, or None when it has none."""
-    f = _read_fields(reader)
+def centers_from_header(header: Header) -> Centers | None:
+    """The centres stored in a file's header, or None when it has none."""
+    f = _read_fields(header)
     if not f:
         return None
-    where = reader.path
+    where = header.path
     redo = f"re-embed with `triattention-gguf embed-centers --force {where}`"
     if "version" in f and f["version"] not in (1, SCHEMA_VERSION):
         raise CentersError(f"{where}: TriAttention metadata version {f['version']} is not supported "
@@ -204,11 +205,11 @@ def _arrays(where: str, f: dict, prefix: str, shape: tuple, size: str, redo: str
 
 def has_centers(path: str | os.PathLike) -> bool:
     """Whether the file has any TriAttention key, well-formed or not."""
-    return any(name.startswith(PREFIX) for name in open_gguf(path).fields)
+    return any(name.startswith(PREFIX) for name in open_gguf(path).metadata)
 
 
 def read_centers(path: str | os.PathLike) -> Centers | None:
-    return centers_from_reader(open_gguf(path))
+    return centers_from_header(open_gguf(path))
 
 
 def validate(centers: Centers, facts: ModelFacts) -> None:
@@ -237,44 +238,29 @@ def load_centers(facts: ModelFacts) -> Centers:
     return centers
 
 
-def _copy_with_metadata(reader: gguf.GGUFReader, dest: Path, centers: Centers | None) -> None:
-    """Write reader's model to dest with our keys replaced by centers (or removed)."""
-    writer = gguf.GGUFWriter(dest, arch=str(reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()),
-                             endianess=reader.endianess)
-    writer.data_alignment = reader.alignment
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith(("GGUF.", PREFIX)):
-            continue
-        sub_type = field.types[-1] if field.types[0] == _T.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+def _copy_with_metadata(header: Header, dest: Path, centers: Centers | None) -> None:
+    """Write the model to dest with our keys replaced by centers (or removed)."""
+    metadata = {k: v for k, v in metadata_of(header).items() if not k.startswith(PREFIX)}
     if centers is not None:
         values = _values(centers)
-        for key, (vtype, sub_type) in (_SCHEMA | _OPTIONAL).items():
-            if values[key] is not None:
-                writer.add_key_value(PREFIX + key, values[key], vtype, sub_type=sub_type)
-    for tensor in reader.tensors:
-        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
-                               tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for tensor in reader.tensors:
-        writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
-    writer.close()
+        metadata |= {PREFIX + key: (values[key], vtype, sub_type)
+                     for key, (vtype, sub_type) in (_SCHEMA | _OPTIONAL).items() if values[key] is not None}
+    write_gguf(header, dest, metadata, tensor_bytes(header))
 
 
-def _verify_copy(original: gguf.GGUFReader, path: Path, centers: Centers | None) -> None:
+def _verify_copy(original: Header, path: Path, centers: Centers | None) -> None:
     copy = open_gguf(path)
-    if [t.name for t in copy.tensors] != [t.name for t in original.tensors]:
+    if list(copy.tensors) != list(original.tensors):
         raise OSError(f"verification of {path} failed: tensor list differs")
-    for a, b in zip(original.tensors, copy.tensors):
-        if a.tensor_type != b.tensor_type or not np.array_equal(np.asarray(a.data).view(np.uint8),
-                                                                 np.asarray(b.data).view(np.uint8)):
-            raise OSError(f"verification of {path} failed: tensor {a.name} differs")
-    kept = {k for k in original.fields if not k.startswith(PREFIX)}
-    if not kept <= set(copy.fields):
-        raise OSError(f"verification of {path} failed: metadata {sorted(kept - set(copy.fields))} lost")
-    stored = centers_from_reader(copy)
+    data, copied = tensor_bytes(original), tensor_bytes(copy)
+    for name, a in original.tensors.items():
+        if (a.type, a.shape) != (copy.tensors[name].type, copy.tensors[name].shape) or \
+                not np.array_equal(data[name], copied[name]):
+            raise OSError(f"verification of {path} failed: tensor {name} differs")
+    kept = {k for k in original.metadata if not k.startswith(PREFIX)}
+    if not kept <= set(copy.metadata):
+        raise OSError(f"verification of {path} failed: metadata {sorted(kept - set(copy.metadata))} lost")
+    stored = centers_from_header(copy)
     if centers is None and stored is not None:
         raise OSError(f"verification of {path} failed: centres still present")
     if centers is not None and (stored is None or not all(
@@ -323,7 +309,7 @@ def rewrite_model(src: str | os.PathLike, centers: Centers | None, dest: str | o
     """Write src with new centres (or none) to dest (default: src, in place), atomically."""
     src = Path(src)
     dest = Path(dest) if dest is not None else src
-    reader = open_gguf(src)
+    header = open_gguf(src)
     check_writable(dest)
     folder = dest.resolve().parent
     # the writer's pid in the name: a later run can tell a copy left by a killed process (remove_stale_copies)
@@ -331,8 +317,8 @@ def rewrite_model(src: str | os.PathLike, centers: Centers | None, dest: str | o
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        _copy_with_metadata(reader, tmp, centers)
-        _verify_copy(reader, tmp, centers)
+        _copy_with_metadata(header, tmp, centers)
+        _verify_copy(header, tmp, centers)
         os.chmod(tmp, (src.stat().st_mode & 0o777))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

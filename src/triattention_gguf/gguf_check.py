@@ -23,7 +23,6 @@ _T = gguf.GGUFValueType
 _SCALARS = {_T.UINT8: "B", _T.INT8: "b", _T.UINT16: "H", _T.INT16: "h", _T.UINT32: "I", _T.INT32: "i",
             _T.FLOAT32: "f", _T.BOOL: "?", _T.UINT64: "Q", _T.INT64: "q", _T.FLOAT64: "d"}
 _MAX_DIMS = 4  # GGML_MAX_DIMS
-_SMALL_ARRAY = 1 << 16  # numeric arrays up to this many items are kept (per-layer head counts, ...)
 _REDO = "download or convert it again"
 
 
@@ -36,11 +35,17 @@ class Tensor:
     name: str
     shape: tuple[int, ...]  # ggml order: ne[0] first
     type: int
+    offset: int  # where its data starts in the file
+    nbytes: int
 
 
 @dataclass(frozen=True)
 class Header:
-    metadata: dict[str, object]  # scalars and strings as values; arrays as lists (small numeric) or None
+    """Everything but the tensor data, in file order: what the commands read of a model without
+    gguf-py's GGUFReader, which takes seconds to parse a tokenizer into numpy views."""
+    path: Path
+    metadata: dict[str, object]  # scalars and strings as values, arrays as lists
+    types: dict[str, tuple[int, int | None]]  # per key: its value type, and an array's item type
     tensors: dict[str, Tensor]
 
 
@@ -94,8 +99,7 @@ def _value(c: _Cursor, vtype: int, key: str, in_array: bool = False):
     size = struct.calcsize("<" + _SCALARS[item])
     if count > c.left() // size:
         raise c.fail(f"metadata key {key} declares {count} items, more than the file can hold; {_REDO}")
-    raw = c.take(count * size, what)
-    return list(struct.unpack(f"<{count}{_SCALARS[item]}", raw)) if count <= _SMALL_ARRAY else None
+    return list(struct.unpack(f"<{count}{_SCALARS[item]}", c.take(count * size, what)))
 
 
 def read_header(path: str | Path) -> Header:
@@ -121,18 +125,22 @@ def _walk(c: _Cursor) -> Header:
         raise c.fail(f"the header declares {n_kv} metadata keys and {n_tensors} tensors, more than the file can "
                      f"hold; {_REDO}")
     metadata: dict[str, object] = {}
+    types: dict[str, tuple[int, int | None]] = {}
     for i in range(n_kv):
         key = c.string(f"the name of metadata key #{i}")
         if key in metadata:
             raise c.fail(f"metadata key {key} appears twice; {_REDO}")
-        metadata[key] = _value(c, c.unpack("I", f"the type of {key}"), key)
+        vtype = c.unpack("I", f"the type of {key}")
+        start = c.pos
+        metadata[key] = _value(c, vtype, key)
+        types[key] = (vtype, struct.unpack_from("<I", c.buf, start)[0] if vtype == _T.ARRAY else None)
     alignment = metadata.get("general.alignment", 32)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise c.fail(f"general.alignment {alignment!r} is not a power of two; {_REDO}")
-    tensors: dict[str, tuple[Tensor, int, int]] = {}
+    infos: dict[str, tuple[tuple[int, ...], int, int, int]] = {}
     for i in range(n_tensors):
         name = c.string(f"the name of tensor #{i}")
-        if name in tensors:
+        if name in infos:
             raise c.fail(f"tensor {name} appears twice; {_REDO}")
         n_dims = c.unpack("I", f"the dimension count of tensor {name}")
         if not 1 <= n_dims <= _MAX_DIMS:
@@ -151,13 +159,15 @@ def _walk(c: _Cursor) -> Header:
         if offset % alignment:
             raise c.fail(f"tensor {name} starts at offset {offset}, not a multiple of the alignment {alignment}; "
                          f"{_REDO}")
-        tensors[name] = (Tensor(name, shape, ttype), offset, nbytes)
+        infos[name] = (shape, ttype, offset, nbytes)
     data_start = -(-c.pos // alignment) * alignment
-    for tensor, offset, nbytes in tensors.values():
-        if data_start + offset + nbytes > len(c.buf):
+    tensors = {name: Tensor(name, shape, ttype, data_start + offset, nbytes)
+               for name, (shape, ttype, offset, nbytes) in infos.items()}
+    for tensor in tensors.values():
+        if tensor.offset + tensor.nbytes > len(c.buf):
             raise c.fail(f"tensor {tensor.name} lies past the end of the file ({len(c.buf)} bytes): the file is "
                          f"truncated or corrupt; {_REDO}")
-    return Header(metadata, {name: t for name, (t, _, _) in tensors.items()})
+    return Header(c.path, metadata, types, tensors)
 
 
 def _positive(value) -> bool:

@@ -1,6 +1,6 @@
 """What TriAttention needs to know about a GGUF model, read the way llama.cpp reads it.
 
-The file is checked with gguf-py first (for clear errors on bad files), then
+The file's header is checked and read first (gguf_check: clear errors on bad files), then
 loaded by our libllama (vocab only, no weights) so that rope type, head sizes
 and layer counts come from llama.cpp's own code path, not from a table here.
 """
@@ -18,7 +18,7 @@ import gguf
 import numpy as np
 
 from triattention_gguf._lib import lib, llama_cpp_bindings as ll
-from triattention_gguf.gguf_check import GGUFError, check_gguf
+from triattention_gguf.gguf_check import GGUFError, Header, check_gguf
 
 ROPE_TYPES = {ll.LLAMA_ROPE_TYPE_NORM: "norm", ll.LLAMA_ROPE_TYPE_NEOX: "neox"}
 _FINGERPRINT_SAMPLE = 1 << 16
@@ -47,33 +47,15 @@ class ModelFacts:
         return self.head_dim // 2
 
 
-class _Reader(gguf.GGUFReader):
-    """GGUFReader over a plain ndarray view of its memory map: parsing a large tokenizer
-    is 3x faster without numpy.memmap's per-slice overhead, and tensors stay mapped."""
-
-    @property
-    def data(self) -> np.ndarray:
-        return self._data
-
-    @data.setter
-    def data(self, value: np.memmap) -> None:
-        self._data = value.view(np.ndarray)
-        self.path = value.filename
+@functools.lru_cache(maxsize=4)  # a header holds its tokenizer: tens of MB for a large vocabulary
+def _checked(path: str, identity: tuple[int, int, int, int]) -> Header:
+    return check_gguf(path)
 
 
-@functools.lru_cache(maxsize=16)
-def _checked(path: str, identity: tuple[int, int, int, int]) -> None:
-    check_gguf(path)
-
-
-@functools.lru_cache(maxsize=4)
-def _parse(path: str, identity: tuple[int, int, int, int]) -> _Reader:
-    return _Reader(path, "r")
-
-
-def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
-    """Parse a GGUF file, turning every way it can be unusable into a ModelFileError.
-    Parses are cached while the file (device, inode, size, mtime) stays the same."""
+def open_gguf(path: str | os.PathLike) -> Header:
+    """The checked header of a GGUF file (metadata and tensor layout), every way the file can be
+    unusable turned into a ModelFileError. Cached while the file (device, inode, size, mtime)
+    stays the same."""
     path = Path(path)
     try:
         exists = path.exists()
@@ -92,27 +74,24 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
     st = path.stat()
     identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     try:
-        _checked(str(path), identity)  # bounded by the file's size: before gguf-py or llama.cpp reads it
+        return _checked(str(path), identity)  # bounded by the file's size: before anything else reads it
     except GGUFError as err:
         raise ModelFileError(str(err)) from None
-    try:
-        return _parse(str(path.resolve()), identity)
-    except (ValueError, IndexError, OSError) as err:
-        raise ModelFileError(f"{path}: the GGUF file is truncated or corrupt ({err}); "
-                             "download or convert it again") from err
 
 
-def fingerprint(reader: gguf.GGUFReader) -> str:
+def fingerprint(header: Header) -> str:
     """Identify the weights, not the metadata: every tensor's name, shape and type, plus
     the first bytes of the first attention projection (differs across finetunes and quants)."""
     digest = hashlib.sha256()
-    sample = None
-    for tensor in reader.tensors:
-        digest.update(f"{tensor.name}:{list(tensor.shape)}:{tensor.tensor_type.name};".encode())
-        if sample is None and tensor.name.endswith("attn_q.weight"):
-            sample = tensor
-    sample = sample or reader.tensors[0]
-    digest.update(np.asarray(sample.data).reshape(-1).view(np.uint8)[:_FINGERPRINT_SAMPLE].tobytes())
+    tensors = list(header.tensors.values())
+    for t in tensors:
+        # shapes spelt as numpy 2 prints gguf-py's uint64 dims, which fingerprints stored so far used
+        shape = ", ".join(f"np.uint64({n})" for n in t.shape)
+        digest.update(f"{t.name}:[{shape}]:{gguf.GGMLQuantizationType(t.type).name};".encode())
+    sample = next((t for t in tensors if t.name.endswith("attn_q.weight")), tensors[0])
+    with open(header.path, "rb") as f:
+        f.seek(sample.offset)
+        digest.update(f.read(min(sample.nbytes, _FINGERPRINT_SAMPLE)))
     return digest.hexdigest()[:32]
 
 
@@ -174,16 +153,9 @@ def detokenize(model, tokens: list[int]) -> str:
     return out.decode("utf-8", errors="replace")
 
 
-def _arch(reader: gguf.GGUFReader) -> str:
-    field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
-    if field is None:
-        raise ModelFileError(f"{reader.path}: no general.architecture in the metadata")
-    return str(field.contents())
-
-
-def facts_of(path: str | os.PathLike, reader: gguf.GGUFReader, model) -> ModelFacts:
+def facts_of(path: str | os.PathLike, header: Header, model) -> ModelFacts:
     """Facts of an open file and its loaded llama_model*."""
-    arch = _arch(reader)
+    arch = header.metadata[gguf.Keys.General.ARCHITECTURE]  # checked: present, a string
     rope = ll.llama_model_rope_type(model)
     n_head = ll.llama_model_n_head(model)
     if n_head <= 0 or rope not in ROPE_TYPES:
@@ -195,15 +167,15 @@ def facts_of(path: str | os.PathLike, reader: gguf.GGUFReader, model) -> ModelFa
         n_layer=ll.llama_model_n_layer(model), n_head=n_head, n_head_kv=ll.llama_model_n_head_kv(model),
         head_dim=lib.triattention_model_head_dim(model), n_rot=lib.triattention_model_n_rot(model),
         rope_type=ROPE_TYPES[rope], n_ctx_train=ll.llama_model_n_ctx_train(model),
-        fingerprint=fingerprint(reader), n_swa=max(0, ll.llama_model_n_swa(model)))
+        fingerprint=fingerprint(header), n_swa=max(0, ll.llama_model_n_swa(model)))
 
 
 @contextlib.contextmanager
 def model_with_facts(path: str | os.PathLike, n_gpu_layers: int = 0):
     """A loaded llama_model* and the facts of its file (checked: RoPE, heads), freed on exit."""
-    reader = open_gguf(path)
+    header = open_gguf(path)
     with loaded_model(path, n_gpu_layers) as model:
-        yield model, facts_of(path, reader, model)
+        yield model, facts_of(path, header, model)
 
 
 def read_facts(path: str | os.PathLike) -> ModelFacts:
