@@ -236,6 +236,18 @@ def test_architecture_without_rope(smollm2_path, tmp_path):
     assert "architecture 'gpt2'" in result.stderr and "cannot compress" in result.stderr
 
 
+# fingerprints that files embedded by earlier releases hold: a change in how they are computed
+# would have every such file refused as "computed for another model"
+STORED_FINGERPRINTS = {"smollm2_path": "360008f27dc78f20afbc91e3f2791160",
+                       "qwen_path": "9b3d40efa70e70c28602c289875f66f0",
+                       "gemma3_path": "15251066f1078bc263c45d51466b44fd"}
+
+
+@pytest.mark.parametrize("model", STORED_FINGERPRINTS)
+def test_fingerprints_stay_those_earlier_releases_stored(model, request):
+    assert read_facts(request.getfixturevalue(model)).fingerprint == STORED_FINGERPRINTS[model]
+
+
 def test_centres_of_another_model_are_refused(embedded, smollm2_centres, qwen_path, tmp_path):
     forged = dataclasses.replace(smollm2_centres, model_fingerprint="0" * 32)
     rewrite_model(embedded, forged)
