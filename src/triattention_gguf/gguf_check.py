@@ -78,12 +78,13 @@ class _Cursor:
         return len(self.buf) - self.pos
 
 
-def _value(c: _Cursor, vtype: int, key: str, in_array: bool = False):
+def _value(c: _Cursor, vtype: int, key: str, in_array: bool = False) -> tuple[object, int | None]:
+    """The value of key, and its item type if it is an array (else None)."""
     what = f"the value of {key}"
     if vtype in _SCALARS:
-        return c.unpack(_SCALARS[vtype], what)
+        return c.unpack(_SCALARS[vtype], what), None
     if vtype == _T.STRING:
-        return c.string(what)
+        return c.string(what), None
     if vtype != _T.ARRAY or in_array:
         kind = "a nested array" if vtype == _T.ARRAY else f"value type {vtype}, which GGUF does not define"
         raise c.fail(f"metadata key {key} has {kind}; {_REDO}")
@@ -92,14 +93,14 @@ def _value(c: _Cursor, vtype: int, key: str, in_array: bool = False):
     if item == _T.STRING:
         if count > c.left() // 8:  # every string takes at least its 8-byte length
             raise c.fail(f"metadata key {key} declares {count} strings, more than the file can hold; {_REDO}")
-        return [c.string(f"item {i} of {key}") for i in range(count)]
+        return [c.string(f"item {i} of {key}") for i in range(count)], item
     if item not in _SCALARS:
         kind = "nested arrays" if item == _T.ARRAY else f"items of type {item}, which GGUF does not define"
         raise c.fail(f"metadata key {key} is an array of {kind}; {_REDO}")
     size = struct.calcsize("<" + _SCALARS[item])
     if count > c.left() // size:
         raise c.fail(f"metadata key {key} declares {count} items, more than the file can hold; {_REDO}")
-    return list(struct.unpack(f"<{count}{_SCALARS[item]}", c.take(count * size, what)))
+    return list(struct.unpack(f"<{count}{_SCALARS[item]}", c.take(count * size, what))), item
 
 
 def read_header(path: str | Path) -> Header:
@@ -131,9 +132,8 @@ def _walk(c: _Cursor) -> Header:
         if key in metadata:
             raise c.fail(f"metadata key {key} appears twice; {_REDO}")
         vtype = c.unpack("I", f"the type of {key}")
-        start = c.pos
-        metadata[key] = _value(c, vtype, key)
-        types[key] = (vtype, struct.unpack_from("<I", c.buf, start)[0] if vtype == _T.ARRAY else None)
+        metadata[key], item = _value(c, vtype, key)
+        types[key] = (vtype, item)
     alignment = metadata.get("general.alignment", 32)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise c.fail(f"general.alignment {alignment!r} is not a power of two; {_REDO}")
