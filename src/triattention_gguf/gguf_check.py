@@ -78,16 +78,15 @@ class _Cursor:
         return len(self.buf) - self.pos
 
 
-def _value(c: _Cursor, vtype: int, key: str, in_array: bool = False) -> tuple[object, int | None]:
+def _value(c: _Cursor, vtype: int, key: str) -> tuple[object, int | None]:
     """The value of key, and its item type if it is an array (else None)."""
     what = f"the value of {key}"
     if vtype in _SCALARS:
         return c.unpack(_SCALARS[vtype], what), None
     if vtype == _T.STRING:
         return c.string(what), None
-    if vtype != _T.ARRAY or in_array:
-        kind = "a nested array" if vtype == _T.ARRAY else f"value type {vtype}, which GGUF does not define"
-        raise c.fail(f"metadata key {key} has {kind}; {_REDO}")
+    if vtype != _T.ARRAY:
+        raise c.fail(f"metadata key {key} has value type {vtype}, which GGUF does not define; {_REDO}")
     item = c.unpack("I", f"the item type of {key}")
     count = c.unpack("Q", f"the length of {key}")
     if item == _T.STRING:
