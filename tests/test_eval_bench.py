@@ -57,6 +57,8 @@ def test_generate_eval_scores_the_full_caches_own_continuations(centred, tmp_pat
         row = rows[name]
         assert row["vs"] == "streaming" and row["d_lo"] <= row["d_kl"] <= row["d_hi"]
         assert row["d_kl"] == pytest.approx(row["kl_compressed"] - rows["streaming"]["kl_compressed"])
+        parts = row["d_by_sequence"]  # one per prompt, the pooled mean between them
+        assert len(parts) == 2 and min(parts) <= row["d_kl"] <= max(parts) and parts[0] != parts[1]
     assert rows["tri+prompt"]["vs"] == "streaming+prompt"
     for name in ("tri/per-head", "tri+horizon4", "tri+conc0.72"):  # variants paired with the default too
         row = rows[name]

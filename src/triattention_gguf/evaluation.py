@@ -221,7 +221,7 @@ def summarize(traces: dict[str, Trace], scored: Scored, configs: list[Config], b
     compression, KL split by far copies, and against the best baseline at its budget (and, for
     tri with a setting off its default, against the nearest config in the run with it back at the
     default) the paired mean difference of KL after the first compression with its 95%
-    block-bootstrap interval."""
+    block-bootstrap interval (against the best baseline also per sequence: window or prompt)."""
     segments, positions = np.concatenate(scored.segment), np.concatenate(scored.position)
     blocks = block_ids(segments, positions, block)
 
@@ -236,10 +236,12 @@ def summarize(traces: dict[str, Trace], scored: Scored, configs: list[Config], b
     def after(label: str) -> np.ndarray:
         return traces[label].array("compressed").astype(bool)
 
-    def paired(label: str, other: str) -> tuple[float, float, float]:
-        """KL of label minus other's, over positions after both compressed: mean, 95% interval."""
+    def paired(label: str, other: str) -> tuple[float, float, float, list[float]]:
+        """KL of label minus other's, over positions after both compressed: mean, 95% interval, and
+        the mean per sequence (the pooled mean's parts: whether windows or prompts disagree)."""
         diff, both = paired_kl(traces, label, other)
-        return block_bootstrap_ci(diff, np.unique(blocks[both], return_inverse=True)[1])
+        by_sequence = [float(diff[segments[both] == s].mean()) for s in np.unique(segments[both])]
+        return *block_bootstrap_ci(diff, np.unique(blocks[both], return_inverse=True)[1]), by_sequence
 
     out = {}
     for config in [Config(FULL)] + configs:
@@ -259,11 +261,11 @@ def summarize(traces: dict[str, Trace], scored: Scored, configs: list[Config], b
                       and c.keep_prompt == config.keep_prompt and c != config]
             if rivals:
                 best = min(rivals, key=lambda c: _kl_after(traces[c.label]))
-                d, lo, hi = paired(config.label, best.label)
-                row.update(vs=best.name, d_kl=d, d_lo=lo, d_hi=hi)
+                d, lo, hi, by_sequence = paired(config.label, best.label)
+                row.update(vs=best.name, d_kl=d, d_lo=lo, d_hi=hi, d_by_sequence=by_sequence)  # the list: JSON only
             reference = _nearest_default(config, traces)
             if reference is not None:  # select modes, horizons, ... side by side
-                d, lo, hi = paired(config.label, reference.label)
+                d, lo, hi, _ = paired(config.label, reference.label)
                 row.update(vs_select=reference.name, ds_kl=d, ds_lo=lo, ds_hi=hi)
         out[config.label] = row
     return out
