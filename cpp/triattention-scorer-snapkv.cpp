@@ -227,9 +227,8 @@ private:
     ggml_backend_sched_eval_callback chained = nullptr;  // the context's own eval callback
     void * chained_data = nullptr;
 
-    // Keep the last SNAP_WINDOW tokens of a watched layer's post-RoPE query t.
-    void capture(const ggml_tensor * t) {
-        const int il = triattention_layer_of(t->name);
+    // Keep the last SNAP_WINDOW tokens of layer il's post-RoPE query t.
+    void capture(const ggml_tensor * t, int il) {
         if (t->type != GGML_TYPE_F32 || t->nb[0] != sizeof(float)) {
             return;
         }
@@ -252,9 +251,13 @@ private:
         }
     }
 
-    bool is_watched(const ggml_tensor * t) const {
+    // The layer of t when t is a watched layer's post-RoPE query, else -1.
+    int watched_layer(const ggml_tensor * t) const {
+        if (!triattention_is_query_rope(t)) {
+            return -1;
+        }
         const int il = triattention_layer_of(t->name);
-        return il >= 0 && il < (int) watched.size() && watched[il];
+        return il >= 0 && il < (int) watched.size() && watched[il] ? il : -1;
     }
 
     // The eval callback: asks for the watched query nodes, and passes every node on to the eval callback
@@ -262,12 +265,12 @@ private:
     static bool observe(ggml_tensor * t, bool ask, void * user_data) {
         auto & self = *static_cast<snapkv_scorer *>(user_data);
         const bool theirs = self.chained != nullptr && self.chained(t, true, self.chained_data);
-        const bool ours = triattention_is_query_rope(t) && self.is_watched(t);
+        const int il = self.watched_layer(t);
         if (ask) {
-            return theirs || ours;
+            return theirs || il >= 0;
         }
-        if (ours) {
-            self.capture(t);
+        if (il >= 0) {
+            self.capture(t, il);
         }
         return theirs ? self.chained(t, false, self.chained_data) : true;
     }
